@@ -1,0 +1,245 @@
+"""Events, device specs and the driver contract shared by every device model.
+
+This package is pure: no asyncio, serial, MQTT or HTTP imports (tests/devices/test_purity.py enforces it), so a
+driver can be fed bytes from a capture file, a test vector or a live port alike, and tested without sleeping.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, ClassVar, Protocol
+
+
+class DeviceKind(StrEnum):
+    PULSE_OXIMETER = "pulse_oximeter"
+    NIBP = "nibp"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """A canonical metric: its IEEE 11073-10101 code, UCUM unit and the range a real device can report.
+
+    The range is a corruption check, not a clinical limit: a value outside it means the frame is damaged.
+    """
+
+    name: str
+    mdc_ref: str
+    mdc_code: int
+    unit: str
+    low: float
+    high: float
+
+
+METRICS: dict[str, MetricSpec] = {
+    m.name: m
+    for m in (
+        MetricSpec("spo2", "MDC_PULS_OXIM_SAT_O2", 150456, "%", 1, 100),
+        MetricSpec("pulse_rate", "MDC_PULS_OXIM_PULS_RATE", 149530, "/min", 1, 300),
+        MetricSpec("perfusion_index", "MDC_PULS_OXIM_PERF_REL", 150448, "%", 0, 30),
+        MetricSpec("nibp_systolic", "MDC_PRESS_BLD_NONINV_SYS", 150021, "mm[Hg]", 20, 300),
+        MetricSpec("nibp_diastolic", "MDC_PRESS_BLD_NONINV_DIA", 150022, "mm[Hg]", 10, 250),
+        MetricSpec("nibp_mean", "MDC_PRESS_BLD_NONINV_MEAN", 150023, "mm[Hg]", 15, 270),
+        MetricSpec("nibp_pulse_rate", "MDC_PULS_RATE_NON_INV", 149546, "/min", 1, 300),
+    )
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SerialSettings:
+    baudrate: int
+    bytesize: int = 8
+    parity: str = "N"  # pyserial's letters: N, E, O, M, S
+    stopbits: float = 1
+    xonxoff: bool = False
+    rtscts: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """What the gateway must know about a model without reading its code."""
+
+    model: str
+    kind: DeviceKind
+    title: str
+    serves: tuple[str, ...]  # device names an operator would recognise
+    serial: SerialSettings
+    metrics: tuple[str, ...]
+    frame_interval_s: float  # nominal time between records on the wire
+    stale_after_s: float  # silence longer than this means "no data"
+
+
+# --- events --------------------------------------------------------------------------------------------------
+
+
+class DeviceState(StrEnum):
+    """The one-word state of a device. Conditions (see DeviceStatus) qualify it."""
+
+    OK = "ok"
+    PROBE_OFF = "probe_off"  # sensor attached to the device but not on the patient
+    NO_SENSOR = "no_sensor"  # no sensor or cable connected
+    SENSOR_FAULT = "sensor_fault"  # defective, unrecognised or incompatible sensor or cable
+    SEARCHING = "searching"  # looking for a pulse; values not yet valid
+    CUFF_ERROR = "cuff_error"
+    MEASURING = "measuring"
+    CONNECTED = "connected"  # port open, nothing decoded yet
+    NO_DATA = "no_data"  # port open but silent for longer than the model's stale_after_s
+    DISCONNECTED = "disconnected"  # port cannot be opened or was lost
+
+
+# Flags that make a reading unfit for a physiological alarm: the value may be wrong or held.
+QUALITY_FLAGS: frozenset[str] = frozenset(
+    {
+        "probe_off",
+        "no_sensor",
+        "sensor_fault",
+        "searching",
+        "interference",
+        "low_signal_iq",
+        "low_perfusion",
+        "artifact",
+        "out_of_track",
+        "ambient_light",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """Decoded values of one record. Only values the device marked as available are in `metrics`."""
+
+    metrics: Mapping[str, float]
+    flags: tuple[str, ...] = ()
+    device_time: str | None = None  # the device's own clock, as it said it (no zone), kept beside ours
+    raw: bytes = b""
+
+    @property
+    def trustworthy(self) -> bool:
+        return not QUALITY_FLAGS.intersection(self.flags)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatus:
+    state: DeviceState
+    conditions: tuple[str, ...] = ()
+    code: int | None = None  # the device's own status or error code, where it has one
+    detail: str = ""
+
+
+class ErrorKind(StrEnum):
+    BAD_CHECKSUM = "bad_checksum"
+    RESYNC = "resync"  # bytes skipped while looking for a frame start
+    MALFORMED = "malformed"  # framed, but not a record of this protocol
+    OUT_OF_RANGE = "out_of_range"  # a value outside the spec's plausible range: the frame is damaged
+    OVERFLOW = "overflow"  # no frame end within the buffer cap
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolError:
+    kind: ErrorKind
+    detail: str
+    dropped: bytes = b""
+
+
+Event = Reading | DeviceStatus | ProtocolError
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """The JSON form used by `decode`, test vectors and logs."""
+    if isinstance(event, Reading):
+        out: dict[str, Any] = {"type": "reading", "metrics": dict(event.metrics), "flags": list(event.flags)}
+        if event.device_time is not None:
+            out["device_time"] = event.device_time
+        return out
+    if isinstance(event, DeviceStatus):
+        out = {"type": "status", "state": str(event.state), "conditions": list(event.conditions)}
+        if event.code is not None:
+            out["code"] = event.code
+        if event.detail:
+            out["detail"] = event.detail
+        return out
+    return {"type": "protocol_error", "kind": str(event.kind), "detail": event.detail, "dropped": event.dropped.hex()}
+
+
+# --- drivers -------------------------------------------------------------------------------------------------
+
+
+class Driver(Protocol):
+    """Turns bytes into events. `feed` is total: it never raises, whatever the bytes."""
+
+    spec: ClassVar[DeviceSpec]
+
+    def feed(self, data: bytes, now: float) -> list[Event]: ...
+
+    def outgoing(self, now: float) -> bytes: ...
+
+    def reset(self) -> None: ...
+
+
+class FramedDriver(ABC):
+    """Buffering and resync shared by all drivers.
+
+    Subclasses implement `_decode(buf, now) -> (consumed, events)`: consumed == 0 means "need more bytes".
+    Resync is the subclass's job (report skipped bytes as ProtocolError RESYNC and consume them); the buffer cap
+    here guarantees memory stays bounded even if a subclass waits forever.
+    """
+
+    spec: ClassVar[DeviceSpec]
+    max_buffer: ClassVar[int] = 4096
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def reset(self) -> None:
+        self._buf.clear()
+
+    def outgoing(self, now: float) -> bytes:
+        return b""
+
+    def feed(self, data: bytes, now: float) -> list[Event]:
+        self._buf += data
+        events: list[Event] = []
+        while self._buf:
+            try:
+                consumed, new = self._decode(bytes(self._buf), now)
+            except Exception as exc:  # a driver bug must not take the gateway down or lose the stream
+                consumed, new = 1, [ProtocolError(ErrorKind.MALFORMED, f"decoder error: {exc!r}", bytes(self._buf[:1]))]
+            events.extend(new)
+            if consumed <= 0:
+                break
+            del self._buf[:consumed]
+        if len(self._buf) > self.max_buffer:
+            events.append(
+                ProtocolError(ErrorKind.OVERFLOW, f"no frame end within {self.max_buffer} bytes", bytes(self._buf))
+            )
+            self._buf.clear()
+        return events
+
+    @abstractmethod
+    def _decode(self, buf: bytes, now: float) -> tuple[int, list[Event]]: ...
+
+
+# --- simulation ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """What a simulated device shows at one instant: canonical metrics (None = not available) and conditions
+    such as "probe_off" or "searching"."""
+
+    metrics: Mapping[str, float | None]
+    conditions: frozenset[str] = frozenset()
+    device_time: datetime | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    """A registry entry: everything the gateway, `decode` and `simulate` need for one model."""
+
+    spec: DeviceSpec
+    driver: Callable[[], Driver]
+    encode: Callable[[Sample], bytes]

@@ -1,0 +1,1 @@
+"""Infusion Room Telemetry gateway."""

@@ -1,0 +1,265 @@
+"""`infusion-telemetry`: run the gateway, check a config, decode captures, simulate devices, watch the wall."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from devices.base import event_to_dict
+from devices.registry import MODELS, get_model
+from gateway.config import ConfigError, load_config
+
+log = logging.getLogger("infusion-telemetry")
+
+
+def setup_logging(level: str) -> None:
+    logging.Formatter.converter = time.gmtime  # UTC everywhere; zone-less local times shift graphs by hours
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+# --- check-config ----------------------------------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(json.dumps(cfg.redacted(), indent=2, default=str))
+    print(f"{args.file}: OK ({len(cfg.devices)} device(s))", file=sys.stderr)
+    return 0
+
+
+# --- models / decode ---------------------------------------------------------------------------------------------
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    for model_id, model in sorted(MODELS.items()):
+        spec = model.spec
+        s = spec.serial
+        line = f"{s.baudrate} {s.bytesize}{s.parity}{s.stopbits:g}"
+        print(f"{model_id:20} {spec.kind:15} {line:10} {', '.join(spec.serves)}")
+    return 0
+
+
+HEX_TOKEN = re.compile(r"(?:0x)?([0-9a-fA-F]{2})")
+
+
+def parse_hex_dump(text: str) -> bytes:
+    """Accept `01 E0 84`, `01e084`, `0x01,0xE0` and hexdump -C style lines (offset and ASCII column ignored)."""
+    out = bytearray()
+    for raw_line in text.splitlines():
+        line = raw_line.split("#", 1)[0]
+        line = re.sub(r"\|.*\|\s*$", "", line)  # hexdump -C ASCII column
+        line = re.sub(r"^\s*[0-9a-fA-F]{6,}[:\s]", "", line)  # leading offset
+        compact = re.sub(r"[\s,:;]|0x", "", line, flags=re.IGNORECASE)
+        if not compact:
+            continue
+        if len(compact) % 2 or not re.fullmatch(r"[0-9a-fA-F]*", compact):
+            raise ValueError(f"not a hex dump line: {raw_line.strip()!r}")
+        out += bytes.fromhex(compact)
+    return bytes(out)
+
+
+def _read_chunks(stream: BinaryIO) -> Iterator[bytes]:
+    while chunk := stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536):
+        yield chunk
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    driver = get_model(args.model).driver()
+    stream: BinaryIO = args.file.open("rb") if args.file else sys.stdin.buffer
+    counts = {"reading": 0, "status": 0, "protocol_error": 0}
+    with stream:
+        chunks: Iterator[bytes]
+        if args.hex:
+            try:
+                chunks = iter([parse_hex_dump(stream.read().decode("ascii", "replace"))])
+            except ValueError as exc:
+                print(f"decode: {exc}", file=sys.stderr)
+                return 2
+        else:
+            chunks = _read_chunks(stream)
+        for chunk in chunks:
+            for event in driver.feed(chunk, time.time()):
+                out = event_to_dict(event)
+                counts[out["type"]] += 1
+                print(json.dumps(out))
+    print(
+        f"decode: {counts['reading']} reading(s), {counts['status']} status change(s), "
+        f"{counts['protocol_error']} protocol error(s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# --- run ---------------------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    setup_logging(cfg.gateway.log_level)
+    from gateway.app import Gateway
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Gateway(cfg).run(stop)
+
+    try:
+        asyncio.run(main())
+    except ConfigError as exc:  # a secret that cannot be resolved at start-up
+        print(exc, file=sys.stderr)
+        return 2
+    return 0
+
+
+# --- simulate ----------------------------------------------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulators.scenarios import load_scenario
+    from simulators.serve import serve
+
+    if not (args.pty or args.tcp is not None or args.stdout):
+        print("simulate: choose where to serve: --pty, --tcp PORT or --stdout", file=sys.stderr)
+        return 2
+    get_model(args.model)
+    scenario = load_scenario(args.scenario)
+
+    def ready(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            serve(
+                args.model,
+                scenario,
+                pty=args.pty,
+                link=args.link,
+                tcp_port=args.tcp,
+                stdout=args.stdout,
+                speed=args.speed,
+                duration_s=args.duration,
+                seed=args.seed,
+                on_ready=ready,
+            )
+        )
+    return 0
+
+
+# --- watch / demo / schema ---------------------------------------------------------------------------------------
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from gateway.watch import watch_main
+
+    return watch_main(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import demo_main
+
+    return demo_main(args)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from gateway.records import schema_document
+
+    print(json.dumps(schema_document(), indent=2))
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infusion-telemetry",
+        description="Infusion room telemetry gateway: serial pulse oximeters and NIBP cuffs to MQTT and InfluxDB.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the gateway")
+    run.add_argument("--config", "-c", type=Path, required=True)
+    run.set_defaults(func=cmd_run)
+
+    chk = sub.add_parser("check-config", help="validate a config file and print it (secrets redacted)")
+    chk.add_argument("file", type=Path)
+    chk.set_defaults(func=cmd_check_config)
+
+    dec = sub.add_parser("decode", help="decode a captured serial log into JSON lines")
+    dec.add_argument("--model", "-m", required=True, choices=sorted(MODELS))
+    dec.add_argument("--hex", action="store_true", help="the input is a hex dump, not raw bytes")
+    dec.add_argument("file", type=Path, nargs="?", help="capture file (default: stdin)")
+    dec.set_defaults(func=cmd_decode)
+
+    mod = sub.add_parser("models", help="list the supported device models")
+    mod.set_defaults(func=cmd_models)
+
+    sim = sub.add_parser("simulate", help="serve a model's exact byte stream on a pty, TCP or stdout")
+    sim.add_argument("--model", "-m", required=True, choices=sorted(MODELS))
+    sim.add_argument("--scenario", default="baseline", help="scenario name or TOML file (default: baseline)")
+    sim.add_argument("--pty", action="store_true", help="open a pseudo-terminal and print its path")
+    sim.add_argument("--link", type=Path, help="with --pty: also make this symlink to it (like udev)")
+    sim.add_argument("--tcp", type=int, metavar="PORT", help="serve as a TCP serial server (socket://)")
+    sim.add_argument("--stdout", action="store_true", help="write the bytes to stdout")
+    sim.add_argument("--speed", type=float, default=1.0, help="time acceleration (default 1 = real time)")
+    sim.add_argument("--duration", type=float, help="stop after this many scenario seconds")
+    sim.add_argument("--seed", type=int, default=1)
+    sim.set_defaults(func=cmd_simulate)
+
+    wat = sub.add_parser("watch", help="live terminal wall of all rooms, from MQTT")
+    wat.add_argument("--config", "-c", type=Path, help="gateway config (broker and site); or --host/--port")
+    wat.add_argument("--host", default=None)
+    wat.add_argument("--port", type=int, default=None)
+    wat.add_argument("--site", default=None)
+    wat.add_argument("--prefix", default=None)
+    wat.add_argument("--once", type=float, metavar="SECONDS", help="collect for SECONDS, print the wall, exit")
+    wat.set_defaults(func=cmd_watch)
+
+    demo = sub.add_parser("demo", help="local broker, database, three simulated rooms, gateway and watch")
+    demo.add_argument("--workdir", type=Path, help="where services keep their data (default: a temp dir)")
+    demo.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+    demo.set_defaults(func=cmd_demo)
+
+    sch = sub.add_parser("schema", help="print the JSON Schema of the MQTT payloads")
+    sch.set_defaults(func=cmd_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command not in ("run",):
+        setup_logging("WARNING")
+    try:
+        code: int = args.func(args)
+    except BrokenPipeError:  # `decode ... | head` is normal use
+        return 0
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""One TOML file, validated by pydantic, with errors that name the field and the fix.
+
+Secrets are never written in the file: each is a reference (`{ env = "NAME" }` or `{ file = "/run/secrets/x" }`)
+resolved at load time into a SecretStr, so they are never printed or logged. Environment variables named
+`INFUSION_<SECTION>__<FIELD>` override the file (docker compose sets hosts and ports that way).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from devices.registry import MODELS
+
+NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+NAME_HINT = "use 1-32 lower-case letters, digits, '-' or '_' (room and device names only: never patient data)"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(_Strict):
+    """Where a secret lives. Exactly one of env and file."""
+
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError('give exactly one of env = "VARIABLE" or file = "/path/to/secret"')
+        return self
+
+    def resolve(self) -> SecretStr:
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise ValueError(f"environment variable {self.env} is not set: export it or use file = ...")
+            return SecretStr(value)
+        assert self.file is not None
+        try:
+            return SecretStr(self.file.read_text().strip())
+        except OSError as exc:
+            raise ValueError(f"cannot read secret file {self.file}: {exc.strerror}") from None
+
+
+class TlsConfig(_Strict):
+    ca_file: Path | None = None  # None: the system trust store
+    cert_file: Path | None = None  # client certificate, for brokers that require one
+    key_file: Path | None = None
+    insecure_skip_verify: bool = False  # only for a lab; never in a clinic
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give both cert_file and key_file for a client certificate, or neither")
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {path} does not exist")
+        return self
+
+
+class GatewaySection(_Strict):
+    site: Annotated[str, Field(pattern=NAME_RE)] = "clinic"
+    id: Annotated[str, Field(pattern=NAME_RE)] = "gateway-1"  # fixed MQTT client id and status topic name
+    data_dir: Path = Path("/var/lib/infusion-telemetry")  # the durable outbox lives here
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    live_window_s: Annotated[float, Field(gt=0, le=3600)] = 10.0  # older than this when sent = historical
+    shutdown_timeout_s: Annotated[float, Field(ge=0, le=300)] = 5.0  # time to flush sinks on SIGTERM
+    status_interval_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # retained gateway status refresh
+
+
+class MqttSection(_Strict):
+    host: str = "localhost"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    username: str | None = None
+    password: SecretRef | None = None
+    tls: TlsConfig | None = None
+    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = "infusion"
+    keepalive_s: Annotated[int, Field(ge=5, le=600)] = 30
+    reconnect_max_s: Annotated[float, Field(gt=0, le=300)] = 30.0
+
+    @model_validator(mode="after")
+    def _credentials(self) -> MqttSection:
+        if self.password is not None and self.username is None:
+            raise ValueError('password given without username: add username = "..."')
+        return self
+
+
+class InfluxSection(_Strict):
+    """InfluxDB target. api = "v2" (2.x/3.x, token) or "v1" (1.x /write, optional user/password)."""
+
+    api: Literal["v1", "v2"] = "v2"
+    url: Annotated[str, Field(pattern=r"^https?://")] = "http://localhost:8086"
+    # v2
+    org: str | None = None
+    bucket: str | None = None
+    token: SecretRef | None = None
+    # v1
+    database: str | None = None
+    retention_policy: str | None = None
+    username: str | None = None
+    password: SecretRef | None = None
+    ca_file: Path | None = None
+    batch_size: Annotated[int, Field(ge=1, le=50_000)] = 5000
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+
+    @model_validator(mode="after")
+    def _api_fields(self) -> InfluxSection:
+        if self.api == "v2":
+            missing = [f for f in ("org", "bucket", "token") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f'api = "v2" needs {", ".join(missing)}: add them, or set api = "v1"')
+            extra = [f for f in ("database", "retention_policy", "username", "password") if getattr(self, f)]
+        else:
+            if self.database is None:
+                raise ValueError('api = "v1" needs database = "..."')
+            extra = [f for f in ("org", "bucket", "token") if getattr(self, f) is not None]
+        if extra:
+            raise ValueError(f'{", ".join(extra)} do not apply to api = "{self.api}": remove them')
+        return self
+
+
+class DeviceConfig(_Strict):
+    room: Annotated[str, Field(pattern=NAME_RE)]
+    name: Annotated[str, Field(pattern=NAME_RE)]
+    model: str
+    port: str  # a device path (/dev/serial/by-id/...), socket://host:port or rfc2217://host:port
+    baudrate: Annotated[int, Field(ge=300, le=4_000_000)] | None = None  # overrides the model's default
+    stale_after_s: Annotated[float, Field(gt=0, le=3600)] | None = None  # overrides the model's default
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in MODELS:
+            close = difflib.get_close_matches(value, MODELS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown model {value!r}: {hint}known models: {', '.join(sorted(MODELS))}")
+        return value
+
+    @field_validator("port")
+    @classmethod
+    def _port_form(cls, value: str) -> str:
+        if "://" in value and not re.match(r"^(socket|rfc2217|loop)://", value):
+            raise ValueError("use a device path, socket://host:port or rfc2217://host:port")
+        if "://" not in value and not value.startswith("/"):
+            raise ValueError("use an absolute device path such as /dev/serial/by-id/usb-...")
+        return value
+
+    @property
+    def key(self) -> str:
+        return f"{self.room}/{self.name}"
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(extra="forbid", frozen=True, env_prefix="INFUSION_", env_nested_delimiter="__")
+
+    gateway: GatewaySection = GatewaySection()
+    mqtt: MqttSection = MqttSection()
+    influx: InfluxSection
+    devices: list[DeviceConfig] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _unique_devices(self) -> Config:
+        seen: dict[str, int] = {}
+        for i, dev in enumerate(self.devices):
+            if dev.key in seen:
+                raise ValueError(
+                    f"devices[{i}] repeats room {dev.room!r} name {dev.name!r} of devices[{seen[dev.key]}]"
+                )
+            seen[dev.key] = i
+        ports: dict[str, int] = {}
+        for i, dev in enumerate(self.devices):
+            if dev.port in ports:
+                raise ValueError(f"devices[{i}] uses port {dev.port} already used by devices[{ports[dev.port]}]")
+            ports[dev.port] = i
+        return self
+
+    def redacted(self) -> dict[str, Any]:
+        """The validated config as plain data, secrets shown only as where they come from."""
+        return self.model_dump(mode="json")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. str() is a list of `field.path: problem -> fix` lines."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__(f"{source}: invalid configuration\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = problems
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _fields_of(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The allowed keys at `loc`, for "did you mean" hints on unknown keys."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        for candidate in getattr(ann, "__args__", ()) or (ann,):
+            inner = getattr(candidate, "__args__", (candidate,))[0] if hasattr(candidate, "__args__") else candidate
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                current = inner
+                break
+        else:
+            return []
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if p not in ("function-after",))
+        where = _loc(loc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            allowed = _fields_of(Config, loc)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
+            problems.append(f"{where}: unknown key -> remove it ({hint})")
+        elif kind == "missing":
+            problems.append(f"{where}: required -> add it")
+        elif kind == "string_pattern_mismatch" and loc and loc[-1] in ("room", "name", "site", "id"):
+            problems.append(f"{where}: {err['input']!r} is not a valid name -> {NAME_HINT}")
+        else:
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            problems.append(f"{where}: {msg}")
+    return problems
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate. Raises ConfigError with one line per problem."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc} -> fix the syntax at that line"]) from None
+    try:
+        return Config(**data)
+    except ValidationError as exc:
+        raise ConfigError(str(path), format_errors(exc)) from None
+
+
+def resolve_secret(ref: SecretRef | None, field: str) -> SecretStr | None:
+    """Resolve at start-up, so a missing secret stops the gateway with the field's name instead of failing later."""
+    if ref is None:
+        return None
+    try:
+        return ref.resolve()
+    except ValueError as exc:
+        raise ConfigError("secrets", [f"{field}: {exc}"]) from None

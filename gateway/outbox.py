@@ -1,0 +1,239 @@
+"""The durable outbox: every record is committed to SQLite (WAL) before any sink sees it.
+
+Why: brokers, databases and cables fail; a reading that only lived in memory is lost with the process. Each
+sink drains its own cursor, so a dead InfluxDB does not hold back MQTT and vice versa.
+
+Group commit: `put()` only queues; one writer commits everything queued in a single transaction as soon as the
+previous commit finished (the window is one fsync, a few ms). `committed` futures tell callers when it is durable.
+All SQLite work runs on one dedicated thread, so the event loop never waits on the disk and the connection is
+used by one thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,          -- room/device
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,         -- the JSON record, exactly as sinks receive it
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, last_id INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sequences (key TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rejected (
+    sink TEXT NOT NULL, record_id INTEGER NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL, body TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    id: int
+    record: dict[str, Any]
+
+
+class Outbox:
+    def __init__(self, path: Path, sinks: tuple[str, ...]) -> None:
+        self.path = path
+        self.sinks = sinks
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
+        self._db: sqlite3.Connection | None = None
+        self._pending: list[tuple[str, int, dict[str, Any]]] = []
+        self._pending_done: list[asyncio.Future[None]] = []
+        self._wake = asyncio.Event()
+        self._new: dict[str, asyncio.Event] = {s: asyncio.Event() for s in sinks}
+        self._seq: dict[str, int] = {}
+        self.committed = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._run(self._open_sync)
+        self._seq = await self._run(lambda: dict(self._conn.execute("SELECT key, seq FROM sequences").fetchall()))
+        for sink in self.sinks:
+            self._new[sink].set()  # a backlog from the last run may be waiting
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = self._connect()
+        except sqlite3.DatabaseError as exc:
+            # A corrupt file must not become a crash loop: keep it for inspection and start afresh.
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            log.error("outbox %s is unreadable (%s); moved aside to %s", self.path, exc, aside)
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(f"{self.path}{suffix}")
+                if src.exists():
+                    src.rename(f"{aside}{suffix}")
+            self._db = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # survive a power cut, not only a process crash
+        db.executescript(SCHEMA)
+        db.execute("PRAGMA quick_check").fetchone()
+        for sink in self.sinks:
+            db.execute("INSERT OR IGNORE INTO cursors(sink, last_id) VALUES (?, 0)", (sink,))
+        return db
+
+    async def close(self) -> None:
+        await self.flush()
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._pool.shutdown(wait=True)
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        assert self._db is not None, "outbox is not open"
+        return self._db
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # -- writing ---------------------------------------------------------------------------------------------
+
+    def next_seq(self, key: str) -> int:
+        """Sequence numbers continue across restarts, so ids stay unique and readings can be counted."""
+        seq = self._seq.get(key, 0) + 1
+        self._seq[key] = seq
+        return seq
+
+    def put(self, key: str, seq: int, record: dict[str, Any]) -> asyncio.Future[None]:
+        """Queue a record for the next group commit; the future resolves once it is durable."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((key, seq, record))
+        self._pending_done.append(fut)
+        self._wake.set()
+        return fut
+
+    async def run_committer(self) -> None:
+        """Commit whatever is queued, one transaction at a time, until cancelled (then flush)."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                await self.flush()
+        finally:
+            await asyncio.shield(self.flush())
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        done, self._pending_done = self._pending_done, []
+        try:
+            await self._run(self._commit_sync, batch)
+        except Exception as exc:
+            for fut in done:
+                if not fut.done():
+                    fut.set_exception(exc)
+            raise
+        self.committed += len(batch)
+        for fut in done:
+            if not fut.done():
+                fut.set_result(None)
+        for event in self._new.values():
+            event.set()
+
+    def _commit_sync(self, batch: list[tuple[str, int, dict[str, Any]]]) -> None:
+        db = self._conn
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT INTO records(key, seq, type, body, created) VALUES (?, ?, ?, ?, ?)",
+                [(k, s, r["type"], json.dumps(r, separators=(",", ":")), now) for k, s, r in batch],
+            )
+            last: dict[str, int] = {}
+            for k, s, _ in batch:
+                last[k] = max(s, last.get(k, 0))
+            db.executemany(
+                "INSERT INTO sequences(key, seq) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET seq = max(seq, excluded.seq)",
+                list(last.items()),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- draining --------------------------------------------------------------------------------------------
+
+    async def wait_new(self, sink: str, max_wait_s: float) -> None:
+        """Wait until a commit may have given `sink` something to do (or max_wait_s passes)."""
+        event = self._new[sink]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), max_wait_s)
+        event.clear()
+
+    async def read(self, sink: str, limit: int) -> list[Item]:
+        rows: list[tuple[int, str]] = await self._run(self._read_sync, sink, limit)
+        return [Item(i, json.loads(body)) for i, body in rows]
+
+    def _read_sync(self, sink: str, limit: int) -> list[tuple[int, str]]:
+        return self._conn.execute(
+            "SELECT id, body FROM records WHERE id > (SELECT last_id FROM cursors WHERE sink = ?) ORDER BY id LIMIT ?",
+            (sink, limit),
+        ).fetchall()
+
+    async def ack(self, sink: str, up_to_id: int) -> None:
+        await self._run(self._ack_sync, sink, up_to_id)
+
+    def _ack_sync(self, sink: str, up_to_id: int) -> None:
+        self._conn.execute("UPDATE cursors SET last_id = max(last_id, ?) WHERE sink = ?", (up_to_id, sink))
+
+    async def reject(self, sink: str, items: list[Item], reason: str) -> None:
+        """Poison: keep it aside with the reason and move on, so one bad record cannot block a sink forever."""
+        await self._run(self._reject_sync, sink, items, reason)
+
+    def _reject_sync(self, sink: str, items: list[Item], reason: str) -> None:
+        db = self._conn
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(
+            "INSERT INTO rejected(sink, record_id, reason, at, body) VALUES (?, ?, ?, ?, ?)",
+            [(sink, it.id, reason, now, json.dumps(it.record)) for it in items],
+        )
+        db.execute("UPDATE cursors SET last_id = max(last_id, ?) WHERE sink = ?", (max(it.id for it in items), sink))
+        db.execute("COMMIT")
+
+    async def backlog(self) -> dict[str, int]:
+        return dict(await self._run(self._backlog_sync))
+
+    def _backlog_sync(self) -> list[tuple[str, int]]:
+        return self._conn.execute(
+            "SELECT c.sink, (SELECT count(*) FROM records r WHERE r.id > c.last_id) FROM cursors c"
+        ).fetchall()
+
+    async def rejected_count(self) -> int:
+        row = await self._run(lambda: self._conn.execute("SELECT count(*) FROM rejected").fetchone())
+        return int(row[0])
+
+    async def prune(self) -> int:
+        """Delete records every sink has settled; the outbox holds only what is still owed."""
+        return int(await self._run(self._prune_sync))
+
+    def _prune_sync(self) -> int:
+        marks = ",".join("?" * len(self.sinks))
+        cur = self._conn.execute(
+            f"DELETE FROM records WHERE id <= (SELECT min(last_id) FROM cursors WHERE sink IN ({marks}))", self.sinks
+        )
+        return cur.rowcount

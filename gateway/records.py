@@ -1,0 +1,159 @@
+"""The envelope: what the gateway adds to a device event, and the JSON records that flow to MQTT and InfluxDB.
+
+A record is built once, when the event arrives, committed to the outbox as JSON, and every sink reads that same
+JSON. The pydantic models below are the documented schema (docs/mqtt-schema.json is generated from them and the
+tests validate real payloads against them); the hot path builds plain dicts for speed.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+from devices.base import METRICS, DeviceSpec, DeviceStatus, Reading
+
+SCHEMA_VERSION = 1
+
+
+def iso_utc(ts: float) -> str:
+    """Microsecond ISO 8601 in UTC with a Z: exact enough to rebuild the nanosecond InfluxDB timestamp."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso_ns(text: str) -> int:
+    dt = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return (int(dt.timestamp()) * 1_000_000 + dt.microsecond) * 1000
+
+
+class Origin(BaseModel):
+    """Who and where: rooms and devices only, never a patient."""
+
+    model_config = ConfigDict(extra="forbid")
+    site: str
+    room: str
+    device: str
+    model: str
+    kind: str
+
+
+class _Envelope(Origin):
+    v: Literal[1] = Field(1, description="payload schema version")
+    id: str = Field(description="room/device/seq: unique per device; a QoS 1 redelivery repeats it")
+    seq: int = Field(ge=1, description="per-device sequence number, kept across gateway restarts")
+    time: str = Field(description="UTC receive time at the gateway, ISO 8601 with microseconds")
+    historical: bool = Field(
+        False,
+        description="true when sent later than the live window after it was received (replayed backlog)",
+    )
+
+
+class ReadingMessage(_Envelope):
+    type: Literal["reading"]
+    metrics: dict[str, float] = Field(description="canonical metric name -> value; unavailable values left out")
+    units: dict[str, str] = Field(description="UCUM unit per metric")
+    mdc: dict[str, int] = Field(description="IEEE 11073-10101 code per metric")
+    flags: list[str] = Field(description="device quality and alarm flags, e.g. probe_off, low_perfusion")
+    valid: bool = Field(description="false when a quality flag makes the values unfit for alarms")
+    device_time: str | None = Field(None, description="the device's own clock as it sent it, no zone (drifts)")
+
+
+class StatusMessage(_Envelope):
+    type: Literal["status"]
+    state: str = Field(description="ok, probe_off, no_sensor, sensor_fault, searching, no_data, disconnected, ...")
+    conditions: list[str]
+    code: int | None = None
+    detail: str = ""
+
+
+class GatewayCounters(BaseModel):
+    received: int = 0
+    committed: int = 0
+    published: int = 0
+    written: int = 0
+    protocol_errors: int = 0
+    backlog_mqtt: int = 0
+    backlog_influx: int = 0
+    rejected: int = 0
+
+
+class GatewayStatusMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    v: Literal[1] = 1
+    type: Literal["gateway"] = "gateway"
+    site: str
+    gateway: str
+    state: Literal["online", "offline"]
+    time: str
+    version: str = ""
+    devices: dict[str, str] = Field(default_factory=dict, description="room/device -> latest state")
+    counters: GatewayCounters = Field(default_factory=GatewayCounters)
+
+
+# --- builders used on the hot path --------------------------------------------------------------------------
+
+
+def _envelope(origin: dict[str, str], seq: int, received: float) -> dict[str, Any]:
+    return {
+        "v": SCHEMA_VERSION,
+        **origin,
+        "id": f"{origin['room']}/{origin['device']}/{seq}",
+        "seq": seq,
+        "time": iso_utc(received),
+        "historical": False,
+    }
+
+
+def reading_record(origin: dict[str, str], seq: int, received: float, reading: Reading) -> dict[str, Any]:
+    metrics = dict(reading.metrics)
+    return {
+        **_envelope(origin, seq, received),
+        "type": "reading",
+        "metrics": metrics,
+        "units": {k: METRICS[k].unit for k in metrics},
+        "mdc": {k: METRICS[k].mdc_code for k in metrics},
+        "flags": list(reading.flags),
+        "valid": reading.trustworthy,
+        "device_time": reading.device_time,
+    }
+
+
+def status_record(origin: dict[str, str], seq: int, received: float, status: DeviceStatus) -> dict[str, Any]:
+    return {
+        **_envelope(origin, seq, received),
+        "type": "status",
+        "state": str(status.state),
+        "conditions": list(status.conditions),
+        "code": status.code,
+        "detail": status.detail,
+    }
+
+
+def origin_for(site: str, room: str, device: str, spec: DeviceSpec) -> dict[str, str]:
+    return {"site": site, "room": room, "device": device, "model": spec.model, "kind": str(spec.kind)}
+
+
+# --- topics --------------------------------------------------------------------------------------------------
+
+
+def device_topic(prefix: str, site: str, room: str, device: str, leaf: str) -> str:
+    return f"{prefix}/{site}/{room}/{device}/{leaf}"
+
+
+def gateway_topic(prefix: str, site: str, gateway_id: str) -> str:
+    # "_gateway" cannot collide with a room: room names must start with a letter or digit.
+    return f"{prefix}/{site}/_gateway/{gateway_id}/status"
+
+
+def schema_document() -> dict[str, Any]:
+    """The JSON Schema of every payload, generated from the models (`make schema` writes docs/mqtt-schema.json)."""
+    models = (ReadingMessage, StatusMessage, GatewayStatusMessage)
+    _, defs = models_json_schema([(m, "validation") for m in models], ref_template="#/$defs/{model}")
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "Infusion Room Telemetry MQTT payloads",
+        "oneOf": [{"$ref": f"#/$defs/{m.__name__}"} for m in models],
+        **defs,
+    }

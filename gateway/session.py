@@ -1,0 +1,125 @@
+"""One device session: keep its port open, feed the driver, stamp events, and say when the device is unavailable.
+
+Unavailable is a state, not an absence: a port that cannot be opened or is lost gives `disconnected`, an open port
+that stays silent longer than the model's `stale_after_s` gives `no_data` (a serial device server never reports a
+lost cable, so only silence tells). Both reach the outbox like any other status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from devices.base import DeviceSpec, DeviceState, DeviceStatus, Driver, Event, ProtocolError, Reading
+from devices.registry import get_model
+from gateway.backoff import Backoff
+from gateway.config import DeviceConfig
+from gateway.serial_port import SerialPort, TransportError
+
+log = logging.getLogger(__name__)
+
+# (device session, event, receive time) -> None; the app stamps and commits it.
+EventSink = Callable[["DeviceSession", Reading | DeviceStatus, float], None]
+
+
+class DeviceSession:
+    def __init__(self, cfg: DeviceConfig, emit: EventSink, clock: Callable[[], float] = time.time) -> None:
+        model = get_model(cfg.model)
+        spec = model.spec
+        if cfg.baudrate is not None:
+            spec = replace(spec, serial=replace(spec.serial, baudrate=cfg.baudrate))
+        if cfg.stale_after_s is not None:
+            spec = replace(spec, stale_after_s=cfg.stale_after_s)
+        self.cfg = cfg
+        self.spec: DeviceSpec = spec
+        self.driver: Driver = model.driver()
+        self.emit = emit
+        self.clock = clock
+        self.state: DeviceState | None = None
+        self.last_status: DeviceStatus | None = None
+        self.received = 0
+        self.protocol_errors = 0
+        self.last_data_at: float | None = None
+        self._last_error_log = 0.0
+
+    @property
+    def key(self) -> str:
+        return self.cfg.key
+
+    def _status(self, status: DeviceStatus) -> None:
+        if self.last_status == status:
+            return
+        self.last_status = status
+        self.state = status.state
+        log.info("%s: %s %s", self.key, status.state, status.detail)
+        self.emit(self, status, self.clock())
+
+    async def run(self) -> None:
+        backoff = Backoff(0.2, 10.0)
+        while True:
+            try:
+                async with SerialPort(self.cfg.port, self.spec.serial) as port:
+                    backoff.reset()
+                    self.driver.reset()
+                    self._status(DeviceStatus(DeviceState.CONNECTED, detail=f"port {self.cfg.port} open"))
+                    await self._pump(port)
+            except TransportError as exc:
+                self._status(DeviceStatus(DeviceState.DISCONNECTED, detail=str(exc)))
+                await asyncio.sleep(backoff.next())
+
+    async def _pump(self, port: SerialPort) -> None:
+        stale = False
+        next_send = 0.0
+        self.last_data_at = self.clock()  # silence is counted from the moment the port opened
+        while True:
+            now = self.clock()
+            if now >= next_send:
+                out = self.driver.outgoing(now)
+                if out:
+                    await port.write(out)
+                next_send = now + 0.2
+            try:
+                data = await asyncio.wait_for(port.read(), timeout=self._wait_s(now, stale))
+            except TimeoutError:
+                if not stale and self.clock() - (self.last_data_at or 0.0) >= self.spec.stale_after_s:
+                    stale = True
+                    silent = self.spec.stale_after_s
+                    self._status(DeviceStatus(DeviceState.NO_DATA, detail=f"silent for {silent:g} s"))
+                    self.driver.reset()  # the next record re-announces the device's own status
+                continue
+            now = self.clock()
+            events = self.driver.feed(data, now)
+            if any(not isinstance(e, ProtocolError) for e in events):
+                # Only decoded records count as data: a line spewing garbage is as good as silent.
+                self.last_data_at = now
+                stale = False
+            self._handle(events, now)
+
+    def _wait_s(self, now: float, stale: bool) -> float:
+        if stale:
+            return 0.2
+        start = self.last_data_at if self.last_data_at is not None else now
+        return max(0.05, min(0.2, start + self.spec.stale_after_s - now))
+
+    def _handle(self, events: list[Event], now: float) -> None:
+        for event in events:
+            if isinstance(event, ProtocolError):
+                self.protocol_errors += 1
+                if now - self._last_error_log > 10:  # line noise must not flood the log
+                    self._last_error_log = now
+                    log.warning(
+                        "%s: %s: %s (%d bytes dropped; %d errors so far)",
+                        self.key,
+                        event.kind,
+                        event.detail,
+                        len(event.dropped),
+                        self.protocol_errors,
+                    )
+            elif isinstance(event, DeviceStatus):
+                self._status(event)
+            else:
+                self.received += 1
+                self.emit(self, event, now)

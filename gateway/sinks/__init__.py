@@ -1,0 +1,41 @@
+"""Sinks: one module per outside system, the only place its library is imported.
+
+A sink is an async context manager (connect on enter, close on exit) with `write(batch) -> WriteResult`.
+It turns its library's errors into ours: SinkUnavailable (retry later, reconnect) or a rejected result (poison).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol, Self
+
+
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"  # the target refused the data itself: retrying will never help
+    RETRY = "retry"  # the target is unavailable or overloaded: try again later
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    outcome: Outcome
+    reason: str = ""
+    rejected: tuple[int, ...] = field(default=())  # indexes into the batch; empty with REJECTED = all
+
+
+ACCEPTED = WriteResult(Outcome.ACCEPTED)
+
+
+class SinkUnavailable(Exception):
+    """The connection is gone or cannot be made; the worker backs off and reconnects."""
+
+
+class Sink(Protocol):
+    name: str
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    async def write(self, batch: list[dict[str, Any]]) -> WriteResult: ...

@@ -1,0 +1,146 @@
+"""The InfluxDB adapter: the only module that imports influxdb_client (and aiohttp, which it brings).
+
+Two write paths, chosen in config: the v2 API (InfluxDB 2.x/3.x, token; through influxdb-client's async client)
+and the 1.x `/write` API (plain HTTP). Both send the same line protocol, built by influxdb-client's Point.
+
+Points are idempotent: a series (measurement + tags) and the gateway's receive time identify a point, so a replay
+after a lost acknowledgement overwrites instead of duplicating. Metric fields are always floats, so a value that
+happens to be whole never conflicts with the field's type.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any, Self
+
+import aiohttp
+from influxdb_client.client.write.point import Point
+from influxdb_client.domain.write_precision import WritePrecision
+from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+from influxdb_client.rest import ApiException
+
+from gateway.config import InfluxSection, resolve_secret
+from gateway.records import parse_iso_ns
+from gateway.sinks import ACCEPTED, Outcome, SinkUnavailable, WriteResult
+
+log = logging.getLogger(__name__)
+
+TAGS = ("site", "room", "device", "model")
+
+
+def to_point(record: dict[str, Any]) -> Point | None:
+    """The InfluxDB point of a record (docs/influx.md). None for record types that are not stored."""
+    kind = record["type"]
+    if kind == "reading":
+        point = Point("vitals")
+        for name, value in record["metrics"].items():
+            point.field(name, float(value))
+        point.field("flags", ",".join(record["flags"]))
+        point.field("valid", bool(record["valid"]))
+    elif kind == "status":
+        point = Point("device_status")
+        point.field("state", record["state"])
+        point.field("conditions", ",".join(record["conditions"]))
+        point.field("detail", record["detail"])
+        if record.get("code") is not None:
+            point.field("code", int(record["code"]))
+    else:
+        return None
+    for tag in TAGS:
+        point.tag(tag, record[tag])
+    point.field("seq", int(record["seq"]))
+    point.time(parse_iso_ns(record["time"]), WritePrecision.NS)
+    return point
+
+
+def to_lines(batch: list[dict[str, Any]]) -> list[str]:
+    return [p.to_line_protocol() for p in map(to_point, batch) if p is not None]
+
+
+def _classify(status: int, body: str) -> WriteResult:
+    """4xx means the data or the request is wrong (retrying cannot help); 5xx and 429 mean try later."""
+    if status < 400 or status == 429 or status >= 500:
+        raise SinkUnavailable(f"InfluxDB answered {status}: {body[:200]}")
+    if status in (401, 403):
+        # Credentials are configuration, not data: keep the data and retry, loudly.
+        raise SinkUnavailable(f"InfluxDB refused the credentials ({status}): check influx.token / password")
+    if status == 404:
+        raise SinkUnavailable(f"InfluxDB has no such database or bucket ({status}): {body[:200]}")
+    return WriteResult(Outcome.REJECTED, f"InfluxDB answered {status}: {body[:500]}")
+
+
+class InfluxSink:
+    name = "influx"
+
+    def __init__(self, cfg: InfluxSection) -> None:
+        self.cfg = cfg
+        self._v2: InfluxDBClientAsync | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self.written = 0
+
+    async def __aenter__(self) -> Self:
+        cfg = self.cfg
+        if cfg.api == "v2":
+            token = resolve_secret(cfg.token, "influx.token")
+            assert token is not None
+            self._v2 = InfluxDBClientAsync(
+                url=cfg.url,
+                token=token.get_secret_value(),
+                org=cfg.org or "",
+                timeout=int(cfg.timeout_s * 1000),
+                ssl_ca_cert=str(cfg.ca_file) if cfg.ca_file else None,
+            )
+        else:
+            auth = None
+            if cfg.username:
+                password = resolve_secret(cfg.password, "influx.password")
+                auth = aiohttp.BasicAuth(cfg.username, password.get_secret_value() if password else "")
+            ssl_ctx = ssl.create_default_context(cafile=str(cfg.ca_file)) if cfg.ca_file else None
+            self._http = aiohttp.ClientSession(
+                auth=auth,
+                timeout=aiohttp.ClientTimeout(total=cfg.timeout_s),
+                connector=aiohttp.TCPConnector(ssl=ssl_ctx) if ssl_ctx else None,
+            )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._v2 is not None:
+            await self._v2.close()
+            self._v2 = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def write(self, batch: list[dict[str, Any]]) -> WriteResult:
+        lines = to_lines(batch)
+        if not lines:
+            return ACCEPTED
+        body = "\n".join(lines)
+        try:
+            result = await (self._write_v2(body) if self._v2 is not None else self._write_v1(body))
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise SinkUnavailable(f"InfluxDB {self.cfg.url} unreachable: {exc!r}") from exc
+        if result.outcome is Outcome.ACCEPTED:
+            self.written += len(lines)
+        return result
+
+    async def _write_v1(self, body: str) -> WriteResult:
+        assert self._http is not None
+        params = {"db": self.cfg.database or "", "precision": "ns"}
+        if self.cfg.retention_policy:
+            params["rp"] = self.cfg.retention_policy
+        async with self._http.post(f"{self.cfg.url}/write", params=params, data=body.encode()) as resp:
+            if resp.status == 204:
+                return ACCEPTED
+            return _classify(resp.status, await resp.text())
+
+    async def _write_v2(self, body: str) -> WriteResult:
+        assert self._v2 is not None
+        try:
+            await self._v2.write_api().write(bucket=self.cfg.bucket or "", org=self.cfg.org or "", record=body)
+        except ApiException as exc:
+            return _classify(int(exc.status or 0), str(exc.body or exc.reason))
+        except TimeoutError as exc:
+            raise SinkUnavailable(f"InfluxDB {self.cfg.url} timed out") from exc
+        return ACCEPTED

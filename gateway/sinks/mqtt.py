@@ -1,0 +1,166 @@
+"""The aiomqtt adapter: the only module that imports aiomqtt (publishing for the gateway, subscribing for watch).
+
+QoS 1 for everything the gateway publishes: aiomqtt's publish returns after the broker's PUBACK, so a batch is
+acknowledged to the outbox only when the broker has it. Redeliveries carry the same `id`, so they are recognisable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Self
+
+import aiomqtt
+
+from gateway.config import MqttSection, resolve_secret
+from gateway.records import device_topic, gateway_topic, iso_utc, parse_iso_ns
+from gateway.sinks import ACCEPTED, SinkUnavailable, WriteResult
+
+log = logging.getLogger(__name__)
+
+
+def _tls_context(cfg: MqttSection) -> ssl.SSLContext | None:
+    if cfg.tls is None:
+        return None
+    ctx = ssl.create_default_context(cafile=str(cfg.tls.ca_file) if cfg.tls.ca_file else None)
+    if cfg.tls.cert_file and cfg.tls.key_file:
+        ctx.load_cert_chain(str(cfg.tls.cert_file), str(cfg.tls.key_file))
+    if cfg.tls.insecure_skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def make_client(cfg: MqttSection, identifier: str, will: aiomqtt.Will | None = None) -> aiomqtt.Client:
+    password = resolve_secret(cfg.password, "mqtt.password")
+    return aiomqtt.Client(
+        hostname=cfg.host,
+        port=cfg.port,
+        username=cfg.username,
+        password=password.get_secret_value() if password else None,
+        identifier=identifier,
+        will=will,
+        keepalive=cfg.keepalive_s,
+        tls_context=_tls_context(cfg),
+        timeout=10,
+        max_queued_outgoing_messages=10_000,
+    )
+
+
+class MqttSink:
+    """Publishes outbox records and the retained gateway status (with a last will saying "offline")."""
+
+    name = "mqtt"
+
+    def __init__(self, cfg: MqttSection, site: str, gateway_id: str, live_window_s: float) -> None:
+        self.cfg = cfg
+        self.site = site
+        self.gateway_id = gateway_id
+        self.live_window_s = live_window_s
+        self.status_topic = gateway_topic(cfg.topic_prefix, site, gateway_id)
+        self._client: aiomqtt.Client | None = None
+        self._retained: dict[str, bytes] = {}  # topic -> last retained device status, republished on reconnect
+        self.gateway_status: dict[str, Any] = {}
+        self.published = 0
+
+    def _offline(self) -> bytes:
+        body = {
+            **self.gateway_status,
+            "v": 1,
+            "type": "gateway",
+            "site": self.site,
+            "gateway": self.gateway_id,
+        }
+        return json.dumps({**body, "state": "offline"}).encode()
+
+    async def __aenter__(self) -> Self:
+        will = aiomqtt.Will(self.status_topic, self._offline(), qos=1, retain=True)
+        client = make_client(self.cfg, f"infusion-gw-{self.site}-{self.gateway_id}", will)
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            raise SinkUnavailable(f"MQTT broker {self.cfg.host}:{self.cfg.port}: {exc}") from exc
+        self._client = client
+        log.info("connected to MQTT broker %s:%s", self.cfg.host, self.cfg.port)
+        try:
+            # After a broker restart without persistence the retained statuses are gone: put them back.
+            await asyncio.gather(*(client.publish(t, p, qos=1, retain=True) for t, p in self._retained.items()))
+            await self.publish_gateway_status()
+        except aiomqtt.MqttError as exc:
+            await self.__aexit__(None, None, None)
+            raise SinkUnavailable(f"MQTT publish failed after connect: {exc}") from exc
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        # A clean stop says "offline" itself; the will only fires on an unclean loss.
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.publish(self.status_topic, self._offline(), qos=1, retain=True, timeout=2)
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.__aexit__(None, None, None)
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    async def publish_gateway_status(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        body = {**self.gateway_status, "state": "online", "time": iso_utc(time.time())}
+        try:
+            await client.publish(self.status_topic, json.dumps(body).encode(), qos=1, retain=True)
+        except aiomqtt.MqttError as exc:
+            raise SinkUnavailable(f"MQTT gateway status publish failed: {exc}") from exc
+
+    def _route(self, record: dict[str, Any], now: float) -> tuple[str, bytes, bool]:
+        prefix, site, room, device = self.cfg.topic_prefix, record["site"], record["room"], record["device"]
+        if record["type"] == "status":
+            return device_topic(prefix, site, room, device, "status"), json.dumps(record).encode(), True
+        if now - parse_iso_ns(record["time"]) / 1e9 > self.live_window_s:
+            record = {**record, "historical": True}
+        return device_topic(prefix, site, room, device, record["type"]), json.dumps(record).encode(), False
+
+    async def write(self, batch: list[dict[str, Any]]) -> WriteResult:
+        client = self._client
+        if client is None:
+            raise SinkUnavailable("not connected")
+        now = time.time()
+        routed = [self._route(r, now) for r in batch]
+        try:
+            await asyncio.gather(*(client.publish(t, p, qos=1, retain=r) for t, p, r in routed))
+        except aiomqtt.MqttError as exc:
+            raise SinkUnavailable(f"MQTT publish failed: {exc}") from exc
+        for topic, payload, retain in routed:
+            if retain:
+                self._retained[topic] = payload
+        self.published += len(batch)
+        return ACCEPTED
+
+
+@asynccontextmanager
+async def subscribe(
+    cfg: MqttSection, topics: list[str], identifier: str
+) -> AsyncIterator[AsyncIterator[tuple[str, bytes]]]:
+    """Subscribe and yield (topic, payload) pairs: for `watch` and for tests that want our own client settings."""
+    async with make_client(cfg, identifier) as client:
+        for topic in topics:
+            await client.subscribe(topic, qos=1)
+
+        async def messages() -> AsyncIterator[tuple[str, bytes]]:
+            async for msg in client.messages:
+                payload = msg.payload if isinstance(msg.payload, bytes) else str(msg.payload).encode()
+                yield str(msg.topic), payload
+
+        yield messages()
+
+
+MqttError = aiomqtt.MqttError

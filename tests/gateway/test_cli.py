@@ -1,0 +1,73 @@
+"""The CLI as engineers use it: decode captures (raw or hex), list models, print the schema."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+VECTORS = Path(__file__).parent.parent / "vectors"
+
+
+def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], input=stdin, capture_output=True, check=False, timeout=60
+    )
+
+
+def events(out: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.decode().splitlines()]
+
+
+def test_decode_sample_file_gives_the_real_values() -> None:
+    # The sample file ends lines in LF (the notes say so) and holds comment lines: both must be handled.
+    result = run_cli("decode", "--model", "masimo-ascii1", str(VECTORS / "masimo_ascii1_samples.txt"))
+    assert result.returncode == 0, result.stderr
+    evs = events(result.stdout)
+    readings = [e for e in evs if e["type"] == "reading"]
+    assert readings[0]["metrics"] == {"spo2": 98, "pulse_rate": 97, "perfusion_index": 3.6}
+    assert readings[1]["metrics"] == {"spo2": 98, "pulse_rate": 96, "perfusion_index": 3.95}
+    assert readings[0]["device_time"] == "2016-02-22T22:47:45"
+    # Comment lines, the edited [C] line and the TrendCom lines are not ASCII 1 records.
+    errors = [e for e in evs if e["type"] == "protocol_error"]
+    assert len(errors) >= 8 + 10
+    assert not any(r["metrics"].get("spo2") == 97 and r["metrics"].get("pulse_rate") == 69 for r in readings)
+    assert b"reading(s)" in result.stderr
+
+
+def test_decode_reads_stdin_and_hex_dumps() -> None:
+    line = b"02/22/16 22:47:45 SN=0000056661 SPO2=098% BPM=097 PI=03.60% SPCO=--.-% SPMET=--.-% DESAT=-- PIDELTA=+-- ALARM=0000 EXC=000800\r\n"
+    raw = run_cli("decode", "--model", "masimo-ascii1", stdin=line)
+    dump = " ".join(f"{b:02X}" for b in line).encode()
+    hexed = run_cli("decode", "--model", "masimo-ascii1", "--hex", stdin=dump)
+    assert raw.returncode == hexed.returncode == 0
+    assert events(raw.stdout) == events(hexed.stdout)
+    assert [e["type"] for e in events(raw.stdout)] == ["status", "reading"]
+
+
+def test_decode_garbage_gives_protocol_errors_never_readings() -> None:
+    garbage = bytes(range(256)) * 4 + b"\r\nSPO2=099% BPM=060\r\n02/30/16 10:00:00 SPO2=099% BPM=060 ALARM=0000 EXC=000800\r\n"
+    result = run_cli("decode", "--model", "masimo-ascii1", stdin=garbage)
+    assert result.returncode == 0
+    evs = events(result.stdout)
+    assert evs and all(e["type"] == "protocol_error" for e in evs)
+
+
+def test_decode_bad_hex_is_a_clear_error() -> None:
+    result = run_cli("decode", "--model", "masimo-ascii1", "--hex", stdin=b"01 E0 zz\n")
+    assert result.returncode == 2
+    assert b"not a hex dump line" in result.stderr
+
+
+def test_models_lists_every_model_with_its_devices() -> None:
+    result = run_cli("models")
+    assert result.returncode == 0
+    assert b"masimo-ascii1" in result.stdout and b"Rad-8" in result.stdout
+
+
+def test_schema_is_valid_json_with_every_payload() -> None:
+    result = run_cli("schema")
+    doc = json.loads(result.stdout)
+    assert {"ReadingMessage", "StatusMessage", "GatewayStatusMessage"} <= set(doc["$defs"])

@@ -1,0 +1,175 @@
+"""End to end: simulated Masimo bytes on a real pty -> the real gateway CLI -> real mosquitto and influxd.
+
+Every reading the simulator wrote is counted on MQTT and in InfluxDB, with its values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from devices.base import Reading
+from devices.registry import get_model
+from gateway.config import MqttSection
+from gateway.records import ReadingMessage, StatusMessage
+from gateway.sinks.mqtt import subscribe
+from simulators.scenarios import load_scenario
+from simulators.serve import DeviceSimulator, PtyEndpoint
+from tests.helpers import wait_for
+
+N = 40
+
+
+def write_config(tmp_path: Path, mqtt_port: int, influx_url: str, db: str, port: Path) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f"""
+[gateway]
+site = "test-site"
+id = "gw-e2e"
+data_dir = "{tmp_path / "data"}"
+status_interval_s = 1
+
+[mqtt]
+host = "127.0.0.1"
+port = {mqtt_port}
+
+[influx]
+api = "v1"
+url = "{influx_url}"
+database = "{db}"
+
+[[devices]]
+room = "7"
+name = "oximeter"
+model = "masimo-ascii1"
+port = "{port}"
+"""
+    )
+    return path
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, dict[str, Any]]] = []
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [m for _, m in self.messages if m.get("type") == kind]
+
+    async def run(self, port: int) -> None:
+        async with subscribe(MqttSection(host="127.0.0.1", port=port), ["infusion/#"], "test-collector") as msgs:
+            async for topic, payload in msgs:
+                self.messages.append((topic, json.loads(payload)))
+
+
+async def test_every_simulated_reading_reaches_mqtt_and_influx(
+    tmp_path: Path, mosquitto: Any, influxd: Any, influx_db: str
+) -> None:
+    model = get_model("masimo-ascii1")
+    link = tmp_path / "serial-by-id-room7"
+    endpoint = PtyEndpoint(link=link)
+    config = write_config(tmp_path, mosquitto.port, influxd.url, influx_db, link)
+    collector = Collector()
+    collecting = asyncio.create_task(collector.run(mosquitto.port))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        await wait_for(lambda: any(m.get("state") == "connected" for m in collector.of_type("status")), 20)
+
+        written: list[bytes] = []
+
+        def write(frame: bytes) -> None:
+            written.append(frame)
+            endpoint.write(frame)
+
+        sim = DeviceSimulator(model, load_scenario("desaturation"), seed=7, speed=20.0)
+        await sim.run(write, duration_s=None, count=N)
+        expected = [e for e in model.driver().feed(b"".join(written), 0.0) if isinstance(e, Reading)]
+        assert len(expected) == N
+
+        await wait_for(lambda: len(collector.of_type("reading")) >= N, 20)
+        readings = collector.of_type("reading")
+        assert len(readings) == N  # exactly once here: nothing was redelivered on a healthy link
+        assert [r["metrics"] for r in readings] == [dict(e.metrics) for e in expected]
+        for r in readings:
+            ReadingMessage.model_validate(r)
+            assert (r["site"], r["room"], r["device"], r["model"]) == ("test-site", "7", "oximeter", "masimo-ascii1")
+            assert r["units"]["spo2"] == "%" and r["mdc"]["spo2"] == 150456
+        seqs = [r["seq"] for r in readings]
+        assert seqs == sorted(seqs) and len(set(seqs)) == N
+        for s in collector.of_type("status"):
+            StatusMessage.model_validate(s)
+
+        def stored() -> int:
+            rows = influxd.query(influx_db, 'SELECT count("seq") FROM "vitals"')
+            return int(rows[0]["values"][0][1]) if rows else 0
+
+        await wait_for(lambda: stored() == N, 20)
+        rows = influxd.query(influx_db, 'SELECT "spo2", "pulse_rate", "perfusion_index", "seq" FROM "vitals"')
+        by_seq = {int(v[4]): v[1:4] for v in rows[0]["values"]}
+        for r in readings:
+            m = r["metrics"]
+            assert by_seq[r["seq"]] == [m.get("spo2"), m.get("pulse_rate"), m.get("perfusion_index")]
+        assert any(m.get("type") == "gateway" and m.get("state") == "online" for _, m in collector.messages)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            output = proc.communicate(timeout=15)[0].decode()
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output = proc.communicate()[0].decode()
+        endpoint.close()
+    assert proc.returncode == 0, output
+    await wait_for(
+        lambda: any(m.get("type") == "gateway" and m.get("state") == "offline" for _, m in collector.messages), 10
+    )
+    collecting.cancel()
+    await asyncio.gather(collecting, return_exceptions=True)
+
+
+async def test_unplugged_pty_gives_disconnected_status_then_recovers(
+    tmp_path: Path, mosquitto: Any, influxd: Any, influx_db: str
+) -> None:
+    """A pty that closes is noticed at once; a new one at the same path is picked up again."""
+    model = get_model("masimo-ascii1")
+    link = tmp_path / "serial-by-id-room7"
+    endpoint = PtyEndpoint(link=link)
+    config = write_config(tmp_path, mosquitto.port, influxd.url, influx_db, link)
+    collector = Collector()
+    collecting = asyncio.create_task(collector.run(mosquitto.port))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        states = lambda: [m["state"] for m in collector.of_type("status")]  # noqa: E731
+        await wait_for(lambda: "connected" in states(), 20)
+        sim = DeviceSimulator(model, load_scenario("baseline"), seed=1, speed=20.0)
+        await sim.run(endpoint.write, duration_s=None, count=5)
+        await wait_for(lambda: len(collector.of_type("reading")) == 5, 10)
+        t0 = time.monotonic()
+        endpoint.close()
+        await wait_for(lambda: "disconnected" in states(), 5)
+        assert time.monotonic() - t0 < 5
+        endpoint = PtyEndpoint(link=link)
+        await wait_for(lambda: states().count("connected") >= 2, 20)
+        await sim.run(endpoint.write, duration_s=None, count=5)
+        await wait_for(lambda: len(collector.of_type("reading")) == 10, 10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        endpoint.close()
+        collecting.cancel()
+        await asyncio.gather(collecting, return_exceptions=True)
