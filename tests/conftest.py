@@ -5,6 +5,7 @@ A missing binary FAILS the test with the install command: a test that silently s
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import tty
@@ -65,7 +66,5 @@ def pty_pair(tmp_path: Path) -> Iterator[PtyPair]:
     link.symlink_to(os.ttyname(slave))
     yield PtyPair(master, slave, os.ttyname(slave), link)
     for fd in (master, slave):
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass

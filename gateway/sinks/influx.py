@@ -15,9 +15,9 @@ import ssl
 from typing import Any, Self
 
 import aiohttp
+from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from influxdb_client.client.write.point import Point
 from influxdb_client.domain.write_precision import WritePrecision
-from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from influxdb_client.rest import ApiException
 
 from gateway.config import InfluxSection, resolve_secret

@@ -48,7 +48,10 @@ def test_decode_reads_stdin_and_hex_dumps() -> None:
 
 
 def test_decode_garbage_gives_protocol_errors_never_readings() -> None:
-    garbage = bytes(range(256)) * 4 + b"\r\nSPO2=099% BPM=060\r\n02/30/16 10:00:00 SPO2=099% BPM=060 ALARM=0000 EXC=000800\r\n"
+    garbage = (
+        bytes(range(256)) * 4
+        + b"\r\nSPO2=099% BPM=060\r\n02/30/16 10:00:00 SPO2=099% BPM=060 ALARM=0000 EXC=000800\r\n"
+    )
     result = run_cli("decode", "--model", "masimo-ascii1", stdin=garbage)
     assert result.returncode == 0
     evs = events(result.stdout)
@@ -67,7 +70,9 @@ def test_models_lists_every_model_with_its_devices() -> None:
     assert b"masimo-ascii1" in result.stdout and b"Rad-8" in result.stdout
 
 
-def test_schema_is_valid_json_with_every_payload() -> None:
+def test_schema_is_valid_json_with_every_payload_and_the_docs_copy_is_current() -> None:
     result = run_cli("schema")
     doc = json.loads(result.stdout)
     assert {"ReadingMessage", "StatusMessage", "GatewayStatusMessage"} <= set(doc["$defs"])
+    committed = json.loads((VECTORS.parent.parent / "docs" / "mqtt-schema.json").read_text())
+    assert committed == doc, "docs/mqtt-schema.json is stale: run `make schema`"

@@ -38,7 +38,7 @@ async def test_v1_write_lands_in_real_influxd_and_replay_does_not_duplicate(infl
     async with InfluxSink(cfg) as sink:
         assert (await sink.write(records)).outcome is Outcome.ACCEPTED
         assert (await sink.write(records)).outcome is Outcome.ACCEPTED  # a replay after a lost acknowledgement
-    rows = influxd.query(influx_db, 'SELECT spo2, pulse_rate, perfusion_index, flags, valid, seq FROM vitals')
+    rows = influxd.query(influx_db, "SELECT spo2, pulse_rate, perfusion_index, flags, valid, seq FROM vitals")
     values = rows[0]["values"]
     assert len(values) == 20
     assert values[0][1:] == [90, 70, 3.25, "low_perfusion", False, 2]

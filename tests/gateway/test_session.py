@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tty
 from pathlib import Path
@@ -65,7 +66,5 @@ async def test_session_decodes_watches_silence_and_survives_unplug(tmp_path: Pat
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         for fd in (master, slave):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass

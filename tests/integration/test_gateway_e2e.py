@@ -15,13 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from simulators.serve import DeviceSimulator, PtyEndpoint
+
 from devices.base import Reading
 from devices.registry import get_model
 from gateway.config import MqttSection
-from gateway.records import ReadingMessage, StatusMessage
+from gateway.records import GatewayStatusMessage, ReadingMessage, StatusMessage
 from gateway.sinks.mqtt import subscribe
 from simulators.scenarios import load_scenario
-from simulators.serve import DeviceSimulator, PtyEndpoint
 from tests.helpers import wait_for
 
 N = 40
@@ -121,7 +122,23 @@ async def test_every_simulated_reading_reaches_mqtt_and_influx(
         for r in readings:
             m = r["metrics"]
             assert by_seq[r["seq"]] == [m.get("spo2"), m.get("pulse_rate"), m.get("perfusion_index")]
-        assert any(m.get("type") == "gateway" and m.get("state") == "online" for _, m in collector.messages)
+        online = [m for _, m in collector.messages if m.get("type") == "gateway" and m.get("state") == "online"]
+        assert online
+        GatewayStatusMessage.model_validate(online[-1])
+
+        # The terminal wall shows the room from what is on the broker.
+        wall = subprocess.run(
+            [sys.executable, "-m", "gateway", "watch", "--host", "127.0.0.1", "--port", str(mosquitto.port)]
+            + ["--site", "test-site", "--once", "1.5"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "COLUMNS": "120"},
+            check=False,
+        )
+        assert wall.returncode == 0, wall.stderr
+        assert "room 7" in wall.stdout and "gateway gw-e2e: online" in wall.stdout
+        assert "NO DATA" in wall.stdout  # the simulator has stopped: no old number is shown as live
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
