@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 import tempfile
 import time
@@ -43,10 +44,9 @@ def demo_config(workdir: Path, mqtt_port: int, influx_url: str) -> Config:
 
 
 async def run_demo(workdir: Path, duration: float | None, console: Console) -> None:
+    from devices.registry import get_model
     from simulators.scenarios import load_scenario
     from simulators.serve import DeviceSimulator, PtyEndpoint
-
-    from devices.registry import get_model
 
     with Mosquitto(workdir / "mosquitto") as broker, Influxd(workdir / "influxd") as influx:
         influx.create_database("infusion")
@@ -67,14 +67,17 @@ async def run_demo(workdir: Path, duration: float | None, console: Console) -> N
         ]
         console.print("gateway running; the wall follows (Ctrl-C to stop)\n")
         watch_task = asyncio.create_task(run_watch(cfg.mqtt, cfg.gateway.site, None, console))
+        stop_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop_requested.set)
+        waiter = asyncio.create_task(stop_requested.wait())
         try:
-            if duration is None:
-                await watch_task
-            else:
-                await asyncio.wait_for(asyncio.shield(watch_task), duration)
-        except (TimeoutError, asyncio.CancelledError):
+            await asyncio.wait([watch_task, waiter], timeout=duration, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
             pass
         finally:
+            waiter.cancel()
             watch_task.cancel()
             for task in sim_tasks:
                 task.cancel()
@@ -83,6 +86,7 @@ async def run_demo(workdir: Path, duration: float | None, console: Console) -> N
                 await gateway_task
             for endpoint in endpoints:
                 endpoint.close()
+            console.print()
             rows = influx.query("infusion", 'SELECT count("seq") FROM "vitals" GROUP BY "room"')
             for series in rows:
                 console.print(f"InfluxDB: room {series['tags']['room']}: {series['values'][0][1]} readings stored")

@@ -181,7 +181,8 @@ class Outbox:
         """Wait until a commit may have given `sink` something to do (or max_wait_s passes)."""
         event = self._new[sink]
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), max_wait_s)
+            async with asyncio.timeout(max_wait_s):
+                await event.wait()
         event.clear()
 
     async def read(self, sink: str, limit: int) -> list[Item]:

@@ -82,7 +82,9 @@ class DeviceSession:
                     await port.write(out)
                 next_send = now + 0.2
             try:
-                data = await asyncio.wait_for(port.read(), timeout=self._wait_s(now, stale))
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races a read.
+                async with asyncio.timeout(self._wait_s(now, stale)):
+                    data = await port.read()
             except TimeoutError:
                 if not stale and self.clock() - (self.last_data_at or 0.0) >= self.spec.stale_after_s:
                     stale = True

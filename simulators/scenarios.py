@@ -182,7 +182,7 @@ def _interpolate(track: tuple[tuple[float, float], ...], t: float) -> float:
     return v0 + (v1 - v0) * (t - t0) / (t1 - t0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Scenario:
     """A validated scenario, ready to sample. Build it with `load_scenario` or `Scenario.from_file`."""
 

@@ -14,10 +14,11 @@ import fcntl
 import math
 import os
 import random
+import signal
 import sys
 import termios
 import tty
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -87,8 +88,8 @@ class DeviceSimulator:
 
         Stops after `count` frames, after `duration_s` scenario seconds from here (ceil(duration / interval)
         frames), or when the scenario ends; otherwise runs for ever. Deadlines are `start + k * interval`, so
-        timing does not drift; after a stall of more than one interval (suspend, blocked loop) the schedule is
-        re-anchored instead of bursting to catch up, as a real device would not send a backlog.
+        timing does not drift; after a stall of more than an interval and 0.25 s (suspend, blocked loop) the
+        schedule is re-anchored instead of bursting to catch up, as a real device would not send a backlog.
         """
         loop = asyncio.get_running_loop()
         interval = self.frame_interval_s / self.speed
@@ -103,7 +104,7 @@ class DeviceSimulator:
             if delay > 0:
                 await asyncio.sleep(delay)
             else:
-                if delay < -interval:
+                if delay < -max(interval, 0.25):
                     start = loop.time() - k * interval
                 await asyncio.sleep(0)  # at very high speeds, still let readers and servers run
             yield self.step()[1]
@@ -199,7 +200,8 @@ class PtyEndpoint:
             self.frames_dropped += 1
 
     def pending(self) -> int:
-        """Bytes written but not yet read by the other side."""
+        """Bytes waiting for the reader. Bytes written in the last few milliseconds may not be counted yet:
+        the kernel moves them to the reader's queue in a deferred work item."""
         if self.closed:
             return 0
         buf = bytearray(4)
@@ -211,6 +213,7 @@ class PtyEndpoint:
         frames: bytes still in the tty buffer when the master closes are discarded. False on timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max_wait_s
+        await asyncio.sleep(0.02)  # let the kernel queue what was just written (see `pending`)
         while self.pending() > 0:
             if loop.time() >= deadline:
                 return False
@@ -375,6 +378,31 @@ class StdoutEndpoint:
         self.frames_written += 1
 
 
+@contextlib.contextmanager
+def _sigterm_stops_this_task() -> Iterator[list[int]]:
+    """While inside, SIGTERM cancels the current task (instead of killing the process) so endpoints close and
+    the link is removed, as for Ctrl-C. Yields a list that gets an item once SIGTERM arrived. Only in the main
+    thread, where asyncio can install signal handlers; elsewhere a no-op."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    hits: list[int] = []
+
+    def on_sigterm() -> None:
+        hits.append(signal.SIGTERM)
+        if task is not None:
+            task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    except (NotImplementedError, RuntimeError, ValueError):
+        yield hits
+        return
+    try:
+        yield hits
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 # --- the CLI's entry point ----------------------------------------------------------------------------------
 
 
@@ -392,7 +420,8 @@ async def serve(
     on_ready: Callable[[str], None] | None = None,
 ) -> DeviceSimulator:
     """Serve `model_id` on every endpoint asked for, until `duration_s` scenario seconds (or the scenario's
-    own end, or cancellation); returns the simulator with its counters.
+    own end, cancellation or SIGTERM); returns the simulator with its counters. Endpoints are closed (the
+    pty's link removed) on every way out.
 
     `on_ready` gets one human line per endpoint once it accepts readers, before the first frame, e.g.
     "masimo-ascii1 on /dev/pts/5 (link /tmp/room1-spo2)" or "masimo-ascii1 on socket://127.0.0.1:4001".
@@ -430,10 +459,17 @@ async def serve(
             for w in writers:
                 w(frame)
 
-        try:
-            await sim.run(write, duration_s=duration_s)
-        except EndpointClosedError:
-            return sim
+        with _sigterm_stops_this_task() as sigterm:
+            try:
+                await sim.run(write, duration_s=duration_s)
+            except EndpointClosedError:
+                return sim
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not sigterm or task is None:
+                    raise
+                task.uncancel()  # our own stop, not the caller's: return normally
+                return sim
         if pty_endpoint is not None:
             # Let a connected reader take the last frame before the cable is "pulled".
             await pty_endpoint.drain(max_wait_s=1.0)

@@ -44,11 +44,12 @@ def test_load_by_path(tmp_path: Path) -> None:
     path.write_text('description = "mine"\n' + STEADY)
     for ref in (path, str(path)):
         scenario = load_scenario(ref)
-        assert (scenario.name, scenario.description, scenario.metrics) == ("mine", "mine", ("spo2", "pulse_rate"))
+        assert (scenario.name, scenario.description) == ("mine", "mine")
+        assert scenario.metrics == ("spo2", "pulse_rate")
 
 
 def test_unknown_name_lists_the_packaged_ones() -> None:
-    with pytest.raises(ScenarioError, match="unknown scenario 'nope'.*baseline"):
+    with pytest.raises(ScenarioError, match=r"unknown scenario 'nope'.*baseline"):
         load_scenario("nope")
 
 
@@ -67,7 +68,7 @@ def test_file_fields_cover_every_metric() -> None:
         ("[[keyframes]]\nt = 0\nspo2 = 'high'\n", "keyframes.0.spo2: Input should be a valid number"),
         ("[[keyframes]]\nt = 0\nspo3 = 98\n", "keyframes.0.spo3: Extra inputs are not permitted"),
         ("[[keyframes]]\nspo2 = 98\n", "keyframes.0.t: Field required"),
-        (STEADY + "[[keyframes]]\nt = 5\nconditions = ['probe-off']\n", "keyframes.1.conditions: unknown condition"),
+        (STEADY + "[[keyframes]]\nt = 5\nconditions = ['probe-off']\n", "keyframes.1.conditions: unknown"),
         (STEADY + "[[keyframes]]\nt = 5\nmissing = ['spo3']\n", "keyframes.1.missing: unknown metric spo3"),
         (STEADY + "[[keyframes]]\nt = 0\n", "keyframes: keyframes must be in increasing t"),
         ("[[keyframes]]\nt = 3\nspo2 = 98\n", "keyframes: the first keyframe must be at t = 0"),
@@ -118,7 +119,8 @@ def test_linear_interpolation_per_metric_and_loop() -> None:
 
 
 def test_duration_holds_the_last_keyframe_instead_of_looping() -> None:
-    scenario = parse_scenario("duration_s = 30\n[[keyframes]]\nt = 0\nspo2 = 90\n[[keyframes]]\nt = 10\nspo2 = 100\n")
+    text = "duration_s = 30\n[[keyframes]]\nt = 0\nspo2 = 90\n[[keyframes]]\nt = 10\nspo2 = 100\n"
+    scenario = parse_scenario(text)
     assert scenario.period_s is None and scenario.duration_s == 30
     assert scenario.value("spo2", 25) == 100
 

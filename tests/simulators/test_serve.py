@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import random
 import re
 import sys
 import time
@@ -17,20 +18,21 @@ from pathlib import Path
 import pytest
 import serial
 
-from devices.base import Reading, Sample
+from devices.base import ProtocolError, Reading, Sample
 from devices.registry import get_model
 from simulators.scenarios import load_scenario
 from simulators.serve import DeviceSimulator, PtyEndpoint, TcpEndpoint, serve
 from tests.helpers import wait_for
 
-MODEL = get_model("masimo-ascii1")
+MODEL_ID = "masimo-ascii1"
+MODEL = get_model(MODEL_ID)
 N = 25
 SPEED = 50.0  # 1-s frames every 20 ms: N frames in about half a second
 
 
 def readings_of(data: bytes) -> list[Reading]:
     events = MODEL.driver().feed(data, 0.0)
-    assert [e for e in events if not isinstance(e, Reading | type(events[0]))] == []
+    assert [e for e in events if isinstance(e, ProtocolError)] == []
     return [e for e in events if isinstance(e, Reading)]
 
 
@@ -175,12 +177,15 @@ def test_link_replaces_an_old_symlink_but_never_a_file(tmp_path: Path) -> None:
 
 
 def test_a_full_pty_drops_frames_instead_of_blocking() -> None:
-    frame = MODEL.encode(load_scenario("baseline").sample(0, __import__("random").Random(1)))
+    frame = MODEL.encode(load_scenario("baseline").sample(0, random.Random(1)))
     with PtyEndpoint() as endpoint:  # nobody reads it
         for _ in range(500):
             endpoint.write(frame)
         assert endpoint.frames_dropped > 0
         assert endpoint.frames_written + endpoint.frames_dropped == 500
+        deadline = time.monotonic() + 2
+        while endpoint.pending() == 0 and time.monotonic() < deadline:  # the kernel queues it in a moment
+            time.sleep(0.01)
         assert endpoint.pending() > 0
 
 
@@ -195,22 +200,27 @@ async def test_pty_collects_bytes_the_host_sends() -> None:
 async def test_serve_on_a_pty_announces_the_path_and_unplugs_at_the_end(tmp_path: Path) -> None:
     link = tmp_path / "room3-spo2"
     lines: list[str] = []
-    ports: list[serial.Serial] = []
+    reading: list[asyncio.Task[bytes]] = []
+
+    def read_until_unplugged(port: serial.Serial) -> bytes:
+        data = b""
+        with port:
+            try:
+                while True:
+                    data += port.read(4096)
+            except serial.SerialException:
+                return data
 
     def ready(line: str) -> None:
         lines.append(line)
-        ports.append(serial.Serial(str(link), timeout=0.05))
+        port = serial.Serial(str(link), timeout=0.05)  # the gateway opens the port as soon as it appears
+        reading.append(asyncio.create_task(asyncio.to_thread(read_until_unplugged, port)))
 
-    sim = await serve(
-        "masimo-ascii1", "desaturation", pty=True, link=link, speed=SPEED, duration_s=8, seed=4, on_ready=ready
-    )
+    sim = await serve(MODEL_ID, "probe_off", pty=True, link=link, speed=SPEED, duration_s=8, on_ready=ready)
     assert re.fullmatch(rf"masimo-ascii1 on /dev/pts/\d+ \(link {re.escape(str(link))}\)", lines[0])
     assert sim.frames_written == 8
     assert not os.path.lexists(link)
-    with ports[0] as port:
-        data = b""
-        while chunk := port.read(4096):  # what was sent before the unplug, then end of file
-            data += chunk
+    data = await asyncio.wait_for(reading[0], 5)  # every frame, then the unplug
     assert_readings_match(readings_of(data), list(sim.samples))
 
 
@@ -238,7 +248,7 @@ async def test_serve_on_stdout_writes_the_exact_frames(monkeypatch: pytest.Monke
     out = io.BytesIO()
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out))
     lines: list[str] = []
-    await serve("masimo-ascii1", "baseline", stdout=True, speed=500.0, duration_s=3, seed=6, on_ready=lines.append)
+    await serve(MODEL_ID, "baseline", stdout=True, speed=500, duration_s=3, seed=6, on_ready=lines.append)
     reference = DeviceSimulator(MODEL, load_scenario("baseline"), seed=6)
     assert out.getvalue() == b"".join(reference.step()[1] for _ in range(3))
     assert lines == ["masimo-ascii1 on stdout"]
@@ -249,3 +259,22 @@ async def test_serve_refuses_nonsense() -> None:
         await serve("masimo-ascii1", "baseline")
     with pytest.raises(ValueError, match="link needs pty"):
         await serve("masimo-ascii1", "baseline", stdout=True, link=Path("/tmp/x"))
+
+
+async def test_sigterm_stops_serve_cleanly_and_removes_the_link(tmp_path: Path) -> None:
+    link = tmp_path / "room2-spo2"
+    code = (
+        "import asyncio, pathlib, sys\n"
+        "from simulators.serve import serve\n"
+        "ready = lambda line: print(line, flush=True)\n"
+        f"asyncio.run(serve('masimo-ascii1', 'baseline', pty=True, link=pathlib.Path({str(link)!r}), on_ready=ready))\n"
+        "print('returned', flush=True)\n"
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 10)
+    assert line.startswith(b"masimo-ascii1 on /dev/pts/") and os.path.lexists(link)
+    proc.terminate()
+    rest = await asyncio.wait_for(proc.stdout.read(), 10)
+    assert await proc.wait() == 0 and rest == b"returned\n"
+    assert not os.path.lexists(link)
