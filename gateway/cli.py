@@ -140,14 +140,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulators.scenarios import load_scenario
+    from simulators.scenarios import ScenarioError, load_scenario
     from simulators.serve import serve
 
     if not (args.pty or args.tcp is not None or args.stdout):
         print("simulate: choose where to serve: --pty, --tcp PORT or --stdout", file=sys.stderr)
         return 2
-    get_model(args.model)
-    scenario = load_scenario(args.scenario)
+    if args.link is not None and not args.pty:
+        print("simulate: --link needs --pty", file=sys.stderr)
+        return 2
+    try:
+        scenario = load_scenario(args.scenario)
+    except (ScenarioError, OSError) as exc:
+        print(f"simulate: {exc}", file=sys.stderr)
+        return 2
 
     def ready(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

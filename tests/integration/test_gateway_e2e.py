@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulators.serve import DeviceSimulator, PtyEndpoint
-
 from devices.base import Reading
 from devices.registry import get_model
 from gateway.config import MqttSection
 from gateway.records import GatewayStatusMessage, ReadingMessage, StatusMessage
 from gateway.sinks.mqtt import subscribe
 from simulators.scenarios import load_scenario
+from simulators.serve import DeviceSimulator, PtyEndpoint
 from tests.helpers import wait_for
 
 N = 40
@@ -128,8 +127,20 @@ async def test_every_simulated_reading_reaches_mqtt_and_influx(
 
         # The terminal wall shows the room from what is on the broker.
         wall = subprocess.run(
-            [sys.executable, "-m", "gateway", "watch", "--host", "127.0.0.1", "--port", str(mosquitto.port)]
-            + ["--site", "test-site", "--once", "1.5"],
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "watch",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mosquitto.port),
+                "--site",
+                "test-site",
+                "--once",
+                "1.5",
+            ],
             capture_output=True,
             text=True,
             timeout=30,
