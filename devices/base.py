@@ -70,6 +70,9 @@ class DeviceSpec:
     metrics: tuple[str, ...]
     frame_interval_s: float  # nominal time between records on the wire
     stale_after_s: float  # silence longer than this means "no data"
+    # Devices that send numerics faster than this are thinned by the gateway to the latest reading per interval;
+    # None publishes every record (the 1-a-second devices, NIBP results).
+    publish_interval_s: float | None = None
 
 
 # --- events --------------------------------------------------------------------------------------------------
@@ -144,7 +147,16 @@ class ProtocolError:
     dropped: bytes = b""
 
 
-Event = Reading | DeviceStatus | ProtocolError
+@dataclass(frozen=True, slots=True)
+class Waveform:
+    """Consecutive samples of one waveform (pleth), in device units, as decoded from one or more frames."""
+
+    name: str  # "pleth"
+    samples: tuple[int, ...]
+    rate_hz: float
+
+
+Event = Reading | DeviceStatus | ProtocolError | Waveform
 
 
 def event_to_dict(event: Event) -> dict[str, Any]:
@@ -161,6 +173,8 @@ def event_to_dict(event: Event) -> dict[str, Any]:
         if event.detail:
             out["detail"] = event.detail
         return out
+    if isinstance(event, Waveform):
+        return {"type": "waveform", "name": event.name, "rate_hz": event.rate_hz, "samples": list(event.samples)}
     return {"type": "protocol_error", "kind": str(event.kind), "detail": event.detail, "dropped": event.dropped.hex()}
 
 
@@ -177,6 +191,14 @@ class Driver(Protocol):
     def outgoing(self, now: float) -> bytes: ...
 
     def reset(self) -> None: ...
+
+
+class MeasuringDriver(Driver, Protocol):
+    """A device that measures on request (NIBP). The driver owns the measurement cycle; the gateway decides when."""
+
+    def start_measurement(self, now: float) -> bool:
+        """Begin a measurement; False (and nothing sent) when one is already running."""
+        ...
 
 
 class FramedDriver(ABC):
@@ -236,10 +258,55 @@ class Sample:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+class Emulator(Protocol):
+    """The device side of a protocol, for simulators. Pure like a driver; `now` is scenario time in seconds.
+
+    `tick` returns what the device sends of its own accord by `now` (a record a second, a pleth stream while
+    started, a finished acknowledgement); `receive` takes the host's bytes and returns the device's immediate
+    replies. A device that only answers commands returns b"" from `tick` until it has something to say.
+    """
+
+    def tick(self, now: float, sample: Sample) -> bytes: ...
+
+    def receive(self, data: bytes, now: float, sample: Sample) -> bytes: ...
+
+
+class StreamingEmulator:
+    """An output-only device: one `encode(sample)` every `interval_s`, whatever the host sends."""
+
+    def __init__(self, encode: Callable[[Sample], bytes], interval_s: float) -> None:
+        self._encode = encode
+        self._interval = interval_s
+        self._next: float | None = None
+
+    def tick(self, now: float, sample: Sample) -> bytes:
+        if self._next is None:
+            self._next = now
+        out = b""
+        while now >= self._next - 1e-9:
+            out += self._encode(sample)
+            self._next += self._interval
+        return out
+
+    def receive(self, data: bytes, now: float, sample: Sample) -> bytes:
+        return b""
+
+
 @dataclass(frozen=True, slots=True)
 class Model:
-    """A registry entry: everything the gateway, `decode` and `simulate` need for one model."""
+    """A registry entry: everything the gateway, `decode` and `simulate` need for one model.
+
+    `encode` turns one sample into one record on the wire (the unit the driver decodes into one Reading).
+    `emulator` builds the device side for simulators; None means a StreamingEmulator of `encode` at the spec's
+    frame interval (output-only devices).
+    """
 
     spec: DeviceSpec
     driver: Callable[[], Driver]
     encode: Callable[[Sample], bytes]
+    emulator: Callable[[], Emulator] | None = None
+
+    def make_emulator(self) -> Emulator:
+        if self.emulator is not None:
+            return self.emulator()
+        return StreamingEmulator(self.encode, self.spec.frame_interval_s)

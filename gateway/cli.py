@@ -85,7 +85,7 @@ def _read_chunks(stream: BinaryIO) -> Iterator[bytes]:
 def cmd_decode(args: argparse.Namespace) -> int:
     driver = get_model(args.model).driver()
     stream: BinaryIO = args.file.open("rb") if args.file else sys.stdin.buffer
-    counts = {"reading": 0, "status": 0, "protocol_error": 0}
+    counts = {"reading": 0, "status": 0, "protocol_error": 0, "waveform": 0}
     with stream:
         chunks: Iterator[bytes]
         if args.hex:

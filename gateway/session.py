@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from devices.base import DeviceSpec, DeviceState, DeviceStatus, Driver, Event, ProtocolError, Reading
+from devices.base import DeviceSpec, DeviceState, DeviceStatus, Driver, Event, ProtocolError, Reading, Waveform
 from devices.registry import get_model
 from gateway.backoff import Backoff
 from gateway.config import DeviceConfig
@@ -122,6 +122,8 @@ class DeviceSession:
                     )
             elif isinstance(event, DeviceStatus):
                 self._status(event)
+            elif isinstance(event, Waveform):
+                continue  # waveform publishing is opt-in per device (issue 3); numerics flow regardless
             else:
                 self.received += 1
                 self.emit(self, event, now)
