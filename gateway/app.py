@@ -9,11 +9,12 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from devices.base import DeviceStatus, Reading
+from devices.base import DeviceStatus, Reading, Waveform
+from gateway.commands import handle_command
 from gateway.config import Config
 from gateway.delivery import SinkWorker
 from gateway.outbox import Outbox
-from gateway.records import iso_utc, origin_for, reading_record, status_record
+from gateway.records import iso_utc, origin_for, reading_record, status_record, waveform_record
 from gateway.session import DeviceSession
 from gateway.sinks.influx import InfluxSink
 from gateway.sinks.mqtt import MqttSink
@@ -36,17 +37,26 @@ class Gateway:
         self.sessions = [DeviceSession(d, self._emit) for d in cfg.devices]
         self._origins = {s.key: origin_for(g.site, s.cfg.room, s.cfg.name, s.spec) for s in self.sessions}
         self.mqtt = SinkWorker(
-            self.outbox, lambda: MqttSink(cfg.mqtt, g.site, g.id, g.live_window_s), "mqtt", batch_size=500
+            self.outbox,
+            lambda: MqttSink(cfg.mqtt, g.site, g.id, g.live_window_s, on_command=self._command),
+            "mqtt",
+            batch_size=500,
         )
         self.influx = SinkWorker(self.outbox, lambda: InfluxSink(cfg.influx), "influx", cfg.influx.batch_size)
         self.received = 0
 
-    def _emit(self, session: DeviceSession, event: Reading | DeviceStatus, now: float) -> None:
+    def _command(self, topic: str, payload: bytes) -> bytes:
+        by_key = {s.key: s for s in self.sessions}
+        return handle_command(self.cfg.mqtt.topic_prefix, self.cfg.gateway.site, by_key, topic, payload)
+
+    def _emit(self, session: DeviceSession, event: Reading | DeviceStatus | Waveform, now: float) -> None:
         """Stamp an event and hand it to the outbox; nothing reaches a sink before the commit."""
         seq = self.outbox.next_seq(session.key)
         origin = self._origins[session.key]
         if isinstance(event, Reading):
             record = reading_record(origin, seq, now, event)
+        elif isinstance(event, Waveform):
+            record = waveform_record(origin, seq, now, event)
         else:
             record = status_record(origin, seq, now, event)
         self.received += 1

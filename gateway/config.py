@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from devices.base import DeviceKind
 from devices.registry import MODELS
 
 NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,31}$"
@@ -145,6 +146,19 @@ class DeviceConfig(_Strict):
     port: str  # a device path (/dev/serial/by-id/...), socket://host:port or rfc2217://host:port
     baudrate: Annotated[int, Field(ge=300, le=4_000_000)] | None = None  # overrides the model's default
     stale_after_s: Annotated[float, Field(gt=0, le=3600)] | None = None  # overrides the model's default
+    waveform: bool = False  # publish the pleth waveform on MQTT (batched, at most one message a second)
+    # NIBP only: start a measurement this often (the cuff also measures on an MQTT command). None: commands only.
+    measure_every_s: Annotated[float, Field(ge=60, le=86_400)] | None = None
+    measurement_timeout_s: Annotated[float, Field(ge=30, le=600)] = 180.0
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> DeviceConfig:
+        kind = MODELS[self.model].spec.kind
+        if self.measure_every_s is not None and kind != DeviceKind.NIBP:
+            raise ValueError(f"measure_every_s applies to blood-pressure cuffs only; {self.model} is a {kind}")
+        if self.waveform and kind != DeviceKind.PULSE_OXIMETER:
+            raise ValueError(f"waveform applies to pulse oximeters only; {self.model} is a {kind}")
+        return self
 
     @field_validator("model")
     @classmethod

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from devices.base import METRICS, DeviceSpec, DeviceStatus, Reading
+from devices.base import METRICS, DeviceSpec, DeviceStatus, Reading, Waveform
 
 SCHEMA_VERSION = 1
 
@@ -66,6 +66,31 @@ class StatusMessage(_Envelope):
     conditions: list[str]
     code: int | None = None
     detail: str = ""
+
+
+class WaveformMessage(_Envelope):
+    type: Literal["waveform"]
+    name: str = Field(description="pleth")
+    rate_hz: float
+    samples: list[int] = Field(description="consecutive samples in device units, the first at `time` - len/rate")
+
+
+class CommandMessage(BaseModel):
+    """Sent to `.../{room}/{device}/command`. `id` is echoed in the reply so the sender can match it."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=64)
+    action: Literal["start_measurement"]
+    operator_role: str | None = Field(None, max_length=32, description="a role (nurse, physician), never a name")
+
+
+class CommandReply(BaseModel):
+    v: Literal[1] = 1
+    type: Literal["command_reply"] = "command_reply"
+    id: str | None
+    ok: bool
+    reason: str = ""
+    time: str
 
 
 class GatewayCounters(BaseModel):
@@ -131,6 +156,16 @@ def status_record(origin: dict[str, str], seq: int, received: float, status: Dev
     }
 
 
+def waveform_record(origin: dict[str, str], seq: int, received: float, wave: Waveform) -> dict[str, Any]:
+    return {
+        **_envelope(origin, seq, received),
+        "type": "waveform",
+        "name": wave.name,
+        "rate_hz": wave.rate_hz,
+        "samples": list(wave.samples),
+    }
+
+
 def origin_for(site: str, room: str, device: str, spec: DeviceSpec) -> dict[str, str]:
     return {"site": site, "room": room, "device": device, "model": spec.model, "kind": str(spec.kind)}
 
@@ -149,7 +184,7 @@ def gateway_topic(prefix: str, site: str, gateway_id: str) -> str:
 
 def schema_document() -> dict[str, Any]:
     """The JSON Schema of every payload, generated from the models (`make schema` writes docs/mqtt-schema.json)."""
-    models = (ReadingMessage, StatusMessage, GatewayStatusMessage)
+    models = (ReadingMessage, StatusMessage, WaveformMessage, GatewayStatusMessage, CommandMessage, CommandReply)
     _, defs = models_json_schema([(m, "validation") for m in models], ref_template="#/$defs/{model}")
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -22,7 +22,11 @@ from gateway.serial_port import SerialPort, TransportError
 log = logging.getLogger(__name__)
 
 # (device session, event, receive time) -> None; the app stamps and commits it.
-EventSink = Callable[["DeviceSession", Reading | DeviceStatus, float], None]
+EventSink = Callable[["DeviceSession", Reading | DeviceStatus | Waveform, float], None]
+
+
+class CommandRejected(Exception):
+    """A valid command this device cannot carry out now; the text is the reason sent back."""
 
 
 class DeviceSession:
@@ -44,6 +48,13 @@ class DeviceSession:
         self.protocol_errors = 0
         self.last_data_at: float | None = None
         self._last_error_log = 0.0
+        self._held: Reading | None = None  # the latest reading of a fast device, waiting for its slot
+        self._last_published = float("-inf")
+        self._wave: list[int] = []
+        self._wave_rate = 0.0
+        self._wave_since = 0.0
+        self._next_measurement: float | None = None
+        self._port: SerialPort | None = None
 
     @property
     def key(self) -> str:
@@ -65,7 +76,13 @@ class DeviceSession:
                     backoff.reset()
                     self.driver.reset()
                     self._status(DeviceStatus(DeviceState.CONNECTED, detail=f"port {self.cfg.port} open"))
-                    await self._pump(port)
+                    if self.cfg.measure_every_s is not None and self._next_measurement is None:
+                        self._next_measurement = self.clock() + 5.0  # a first measurement soon after start
+                    self._port = port
+                    try:
+                        await self._pump(port)
+                    finally:
+                        self._port = None
             except TransportError as exc:
                 self._status(DeviceStatus(DeviceState.DISCONNECTED, detail=str(exc)))
                 await asyncio.sleep(backoff.next())
@@ -76,11 +93,14 @@ class DeviceSession:
         self.last_data_at = self.clock()  # silence is counted from the moment the port opened
         while True:
             now = self.clock()
+            if self._next_measurement is not None and now >= self._next_measurement:
+                self._scheduled_measurement(now)
             if now >= next_send:
                 out = self.driver.outgoing(now)
                 if out:
                     await port.write(out)
                 next_send = now + 0.2
+            self._release(now)
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races a read.
                 async with asyncio.timeout(self._wait_s(now, stale)):
@@ -123,7 +143,51 @@ class DeviceSession:
             elif isinstance(event, DeviceStatus):
                 self._status(event)
             elif isinstance(event, Waveform):
-                continue  # waveform publishing is opt-in per device (issue 3); numerics flow regardless
+                if self.cfg.waveform:
+                    self._collect_wave(event, now)
             else:
                 self.received += 1
-                self.emit(self, event, now)
+                if self.spec.publish_interval_s is None:
+                    self.emit(self, event, now)
+                else:
+                    self._held = event
+        self._release(now)
+
+    def _release(self, now: float) -> None:
+        """Fast devices (60 records a second) are thinned to the latest reading per publish interval."""
+        interval = self.spec.publish_interval_s
+        if self._held is not None and interval is not None and now - self._last_published >= interval - 0.02:
+            reading, self._held = self._held, None
+            self._last_published = now
+            self.emit(self, reading, now)
+        if self._wave and now - self._wave_since >= 1.0:
+            wave = Waveform("pleth", tuple(self._wave), self._wave_rate)
+            self._wave = []
+            self._wave_since = now
+            self.emit(self, wave, now)
+
+    def _collect_wave(self, event: Waveform, now: float) -> None:
+        if not self._wave:
+            self._wave_since = now
+        self._wave.extend(event.samples)
+        self._wave_rate = event.rate_hz
+
+    # -- measurements (NIBP) -------------------------------------------------------------------------------------
+
+    def _scheduled_measurement(self, now: float) -> None:
+        assert self.cfg.measure_every_s is not None
+        self._next_measurement = now + self.cfg.measure_every_s
+        try:
+            self.start_measurement(now)
+        except CommandRejected as exc:
+            log.warning("%s: scheduled measurement skipped: %s", self.key, exc)
+
+    def start_measurement(self, now: float | None = None) -> None:
+        """Start an NIBP measurement now (schedule or command). Raises CommandRejected with the reason."""
+        start = getattr(self.driver, "start_measurement", None)
+        if start is None:
+            raise CommandRejected(f"{self.cfg.model} does not take measurements on request")
+        if self._port is None:
+            raise CommandRejected(f"port {self.cfg.port} is not open ({self.state})")
+        if not start(self.clock() if now is None else now):
+            raise CommandRejected("a measurement is already running")

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from devices.base import Model, Sample
+from devices.base import Emulator, Model, Sample
 from devices.registry import get_model
 from simulators.scenarios import Scenario, load_scenario
 
@@ -39,11 +39,14 @@ class EndpointClosedError(Exception):
 
 
 class DeviceSimulator:
-    """One simulated device: scenario samples, encoded by the model, paced at `frame_interval_s / speed`.
+    """One simulated device: scenario samples fed to the model's emulator, paced in scenario time.
 
-    Scenario time advances by the model's frame interval per frame whatever the speed, so `speed` only changes
-    how fast the wall clock goes by and the bytes for a seed are the same at any speed. Successive `run` calls
-    continue the same scenario and random stream (a device that was unplugged keeps its clock).
+    The emulator (devices/*: the device side of the protocol) decides what goes on the wire: an output-only
+    device sends one `encode(sample)` per frame interval; an interactive one (a cuff, a Contec oximeter) stays
+    silent until the host's commands, passed in through `receive`, start it. Ticks come every
+    `tick_s` scenario seconds (the frame interval for output-only devices), so scenario time, and the bytes for
+    a seed, are the same at any speed; `speed` only changes how fast the wall clock goes by. Successive `run`
+    calls continue the same scenario and random stream (a device that was unplugged keeps its clock).
     """
 
     def __init__(
@@ -56,17 +59,20 @@ class DeviceSimulator:
         self.seed = seed
         self.speed = speed
         self.frame_interval_s = model.spec.frame_interval_s
-        self.frames_written = 0  # frames handed to `write` by run()
+        self.emulator: Emulator = model.make_emulator()
+        self.tick_s = self.frame_interval_s if model.emulator is None else min(self.frame_interval_s, 0.1)
+        self.frames_written = 0  # non-empty outputs handed to `write` by run()
         # Bounded, because the demo runs for days; tests read the recent ones.
         self.samples: collections.deque[Sample] = collections.deque(maxlen=keep)
         self.last_sample: Sample | None = None
         self._rng = random.Random(seed)
-        self._k = 0  # frames made so far; scenario time is k * frame_interval (no float drift from summing)
+        self._k = 0  # ticks made so far; scenario time is k * tick_s (no float drift from summing)
+        self._write: Write | None = None
 
     @property
     def t(self) -> float:
-        """Scenario time of the next frame, in seconds."""
-        return self._k * self.frame_interval_s
+        """Scenario time of the next tick, in seconds."""
+        return self._k * self.tick_s
 
     @property
     def finished(self) -> bool:
@@ -75,49 +81,66 @@ class DeviceSimulator:
         return end is not None and self.t >= end - 1e-9
 
     def step(self) -> tuple[Sample, bytes]:
-        """Make the next frame now, without waiting: the sample and its wire bytes."""
-        sample = self.scenario.sample(self.t, self._rng)
-        frame = self.model.encode(sample)
+        """Make the next tick now, without waiting: the sample and what the device sends (maybe b"")."""
+        t = self.t
+        sample = self.scenario.sample(t, self._rng)
+        out = self.emulator.tick(t, sample)
         self._k += 1
         self.samples.append(sample)
         self.last_sample = sample
-        return sample, frame
+        return sample, out
+
+    def receive(self, data: bytes) -> None:
+        """Bytes from the host (commands): the emulator's immediate reply goes out on the running writer."""
+        sample = self.last_sample or self.scenario.sample(self.t, random.Random(self.seed))
+        reply = self.emulator.receive(data, max(0.0, self.t - self.tick_s), sample)
+        if reply and self._write is not None:
+            self._write(reply)
 
     async def frames(self, duration_s: float | None = None, count: int | None = None) -> Frames:
-        """Frames at their wall-clock times: the first at once, then one every `frame_interval_s / speed`.
+        """Device output at its wall-clock times: ticks at `start + k * tick_s / speed`.
 
-        Stops after `count` frames, after `duration_s` scenario seconds from here (ceil(duration / interval)
-        frames), or when the scenario ends; otherwise runs for ever. Deadlines are `start + k * interval`, so
-        timing does not drift; after a stall of more than an interval and 0.25 s (suspend, blocked loop) the
-        schedule is re-anchored instead of bursting to catch up, as a real device would not send a backlog.
+        Stops after `count` non-empty outputs, after `duration_s` scenario seconds from here, or when the
+        scenario ends; otherwise runs for ever. Deadlines are fixed, so timing does not drift; after a stall of
+        more than one tick (and at least 0.25 s: suspend, blocked loop) the schedule is re-anchored instead of
+        bursting to catch up, as a real device would not send a backlog.
         """
         loop = asyncio.get_running_loop()
-        interval = self.frame_interval_s / self.speed
+        interval = self.tick_s / self.speed
         start = loop.time()
         k = 0
+        made = 0
         while not self.finished:
-            if count is not None and k >= count:
+            if count is not None and made >= count:
                 return
-            if duration_s is not None and k * self.frame_interval_s >= duration_s - 1e-9:
+            if duration_s is not None and k * self.tick_s >= duration_s - 1e-9:
                 return
             delay = start + k * interval - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            else:
-                if delay < -max(interval, 0.25):
-                    start = loop.time() - k * interval
+            elif delay < -max(interval, 0.25):
+                start = loop.time() - k * interval
+            elif k % 64 == 0:
                 await asyncio.sleep(0)  # at very high speeds, still let readers and servers run
-            yield self.step()[1]
+            out = self.step()[1]
             k += 1
+            if out:
+                made += 1
+                yield out
 
     async def run(self, write: Write, duration_s: float | None = None, count: int | None = None) -> int:
-        """Write each frame as `frames` yields it; returns the number of frames written by this call."""
+        """Write each output as `frames` yields it, and replies to host commands as they come; returns the
+        number of outputs written by this call."""
         written = 0
-        async with contextlib.aclosing(self.frames(duration_s=duration_s, count=count)) as frames:
-            async for frame in frames:
-                write(frame)
-                written += 1
-                self.frames_written += 1
+        self._write = write
+        try:
+            async with contextlib.aclosing(self.frames(duration_s=duration_s, count=count)) as frames:
+                async for frame in frames:
+                    write(frame)
+                    written += 1
+                    self.frames_written += 1
+        finally:
+            self._write = None
         return written
 
 
@@ -444,11 +467,11 @@ async def serve(
         writers: list[Write] = []
         pty_endpoint: PtyEndpoint | None = None
         if pty:
-            pty_endpoint = stack.enter_context(PtyEndpoint(link=link))
+            pty_endpoint = stack.enter_context(PtyEndpoint(link=link, on_receive=sim.receive))
             writers.append(pty_endpoint.write)
             ready(f"{model_id} on {pty_endpoint.path}" + (f" (link {link})" if link is not None else ""))
         if tcp_port is not None:
-            tcp = await stack.enter_async_context(TcpEndpoint(port=tcp_port))
+            tcp = await stack.enter_async_context(TcpEndpoint(port=tcp_port, on_receive=sim.receive))
             writers.append(tcp.write)
             ready(f"{model_id} on {tcp.url}")
         if stdout:

@@ -12,7 +12,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Self
 
@@ -23,6 +23,7 @@ from gateway.records import device_topic, gateway_topic, iso_utc, parse_iso_ns
 from gateway.sinks import ACCEPTED, SinkUnavailable, WriteResult
 
 log = logging.getLogger(__name__)
+CommandHandler = Callable[[str, bytes], bytes]  # (topic, payload) -> reply payload
 
 
 def _tls_context(cfg: MqttSection) -> ssl.SSLContext | None:
@@ -58,8 +59,18 @@ class MqttSink:
 
     name = "mqtt"
 
-    def __init__(self, cfg: MqttSection, site: str, gateway_id: str, live_window_s: float) -> None:
+    def __init__(
+        self,
+        cfg: MqttSection,
+        site: str,
+        gateway_id: str,
+        live_window_s: float,
+        on_command: CommandHandler | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.on_command = on_command
+        self.command_topic = f"{cfg.topic_prefix}/{site}/+/+/command"
+        self._listener: asyncio.Task[None] | None = None
         self.site = site
         self.gateway_id = gateway_id
         self.live_window_s = live_window_s
@@ -92,12 +103,30 @@ class MqttSink:
             # After a broker restart without persistence the retained statuses are gone: put them back.
             await asyncio.gather(*(client.publish(t, p, qos=1, retain=True) for t, p in self._retained.items()))
             await self.publish_gateway_status()
+            if self.on_command is not None:
+                await client.subscribe(self.command_topic, qos=1)
+                self._listener = asyncio.create_task(self._listen(client), name="mqtt-commands")
         except aiomqtt.MqttError as exc:
             await self.__aexit__(None, None, None)
             raise SinkUnavailable(f"MQTT publish failed after connect: {exc}") from exc
         return self
 
+    async def _listen(self, client: aiomqtt.Client) -> None:
+        assert self.on_command is not None
+        try:
+            async for message in client.messages:
+                payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+                reply = self.on_command(str(message.topic), payload)
+                await client.publish(f"{message.topic}/reply", reply, qos=1)
+        except aiomqtt.MqttError as exc:
+            log.warning("MQTT command listener stopped: %s", exc)  # the worker reconnects and listens again
+
     async def __aexit__(self, *exc: object) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listener
+            self._listener = None
         client, self._client = self._client, None
         if client is None:
             return
