@@ -17,7 +17,10 @@ Wire layout (protocol notes §1; sources in tests/vectors/masimo_ascii1.json):
 Decoding rules, which keep garbage from ever becoming a reading (there is no checksum to lean on):
 - a record must start with a valid `MM/DD/YY HH:MM:SS `; every token must be `KEY=value` with an upper-case key,
   no key twice; SPO2, BPM, ALARM and EXC must be present, and every known key's value must have its format;
+- SPO2, BPM and PI have their fixed widths (`098%`, `097`, `03.60%`), so a dropped digit is caught, and a
+  known key with a character lost (`P=`, `SPMT=`) rejects the line rather than passing as a new field;
 - values outside the plausible ranges of devices.base.METRICS reject the whole line (it is damaged);
+- what no check can catch, for want of a checksum: a bit flip that turns one digit into another (`8` -> `9`).
 - anything else (a partial first line after opening the port, the TrendCom trend format, noise) is one
   ProtocolError per line. A line with no LF within MAX_LINE bytes is an overflow.
 """
@@ -122,9 +125,10 @@ LOOSE_VALUE = re.compile(r"[0-9A-Fa-f.+\-%]+\Z")
 # Known keys: value formats, digits or the dash form of the same shape.
 FORMATS: dict[str, re.Pattern[str]] = {
     "SN": re.compile(r"(\d{1,10}|-{1,10})\Z"),
-    "SPO2": re.compile(r"(\d{1,3}|-{1,3})%?\Z"),
-    "BPM": re.compile(r"(\d{1,3}|-{1,3})\Z"),
-    "PI": re.compile(r"(\d{1,2}\.\d{1,2}|-{1,2}\.-{1,2})%?\Z"),
+    # The metrics' widths are fixed on every model seen [2+]: a dropped digit must not pass as another value.
+    "SPO2": re.compile(r"(\d{3}|-{3})%?\Z"),
+    "BPM": re.compile(r"(\d{3}|-{3})\Z"),
+    "PI": re.compile(r"(\d{2}\.\d{2}|--\.--)%?\Z"),
     "SPCO": re.compile(r"(\d{1,2}\.\d|-{1,2}\.-|-{1,2})%?\Z"),
     "SPMET": re.compile(r"(\d{1,2}\.\d|-{1,2}\.-|-{1,2})%?\Z"),
     "DESAT": re.compile(r"(\d{1,2}|-{1,2})\Z"),
@@ -134,6 +138,9 @@ FORMATS: dict[str, re.Pattern[str]] = {
     "EXC": re.compile(r"[0-9A-Fa-f]{3,8}\Z"),
 }
 REQUIRED = ("SPO2", "BPM", "ALARM", "EXC")
+KNOWN_KEYS = frozenset(FORMATS) | {"SPHB", "SPOC", "RESVD", "EXC1"}
+# A key with one character lost (`P` for `PI`, `SPMT` for `SPMET`) is a damaged line, not a new field.
+DAMAGED_KEYS: dict[str, str] = {k[:i] + k[i + 1 :]: k for k in KNOWN_KEYS for i in range(len(k))}
 
 
 class _LineError(Exception):
@@ -194,6 +201,8 @@ def parse_record(line: bytes) -> tuple[Reading, int]:
             raise _LineError(ErrorKind.MALFORMED, f"token {token[:20]!r} is not KEY=value{hint}")
         if key in fields:
             raise _LineError(ErrorKind.MALFORMED, f"key {key} appears twice")
+        if key not in KNOWN_KEYS and key in DAMAGED_KEYS:
+            raise _LineError(ErrorKind.MALFORMED, f"key {key} looks like {DAMAGED_KEYS[key]} with a byte lost")
         pattern = FORMATS.get(key, LOOSE_VALUE)
         if not pattern.match(value):
             raise _LineError(ErrorKind.MALFORMED, f"{key}={value[:20]!r} has not the format of an ASCII 1 field")

@@ -143,6 +143,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulators.scenarios import ScenarioError, load_scenario
     from simulators.serve import serve
 
+    if args.room:
+        return _simulate_rooms(args)
+    if args.model is None:
+        print("simulate: give --model MODEL (one device) or --room N (a whole room)", file=sys.stderr)
+        return 2
     if not (args.pty or args.tcp is not None or args.stdout):
         print("simulate: choose where to serve: --pty, --tcp PORT or --stdout", file=sys.stderr)
         return 2
@@ -173,6 +178,40 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 on_ready=ready,
             )
         )
+    return 0
+
+
+def _simulate_rooms(args: argparse.Namespace) -> int:
+    from simulators.scenarios import ScenarioError, load_scenario
+    from simulators.serve import DEFAULT_ROOM, RoomDevice, serve_room
+
+    devices = DEFAULT_ROOM
+    if args.model is not None:  # --model picks the oximeter of the room
+        devices = (RoomDevice("oximeter", args.model), *DEFAULT_ROOM[1:])
+    try:
+        scenario = load_scenario(args.scenario)
+    except (ScenarioError, OSError) as exc:
+        print(f"simulate: {exc}", file=sys.stderr)
+        return 2
+
+    async def rooms() -> None:
+        async with asyncio.TaskGroup() as group:
+            for i, room in enumerate(args.room):
+                group.create_task(
+                    serve_room(
+                        room,
+                        scenario,
+                        args.link_dir,
+                        devices=devices,
+                        speed=args.speed,
+                        duration_s=args.duration,
+                        seed=args.seed + 100 * i,
+                        on_ready=lambda line: print(line, file=sys.stderr, flush=True),
+                    )
+                )
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(rooms())
     return 0
 
 
@@ -226,7 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     mod.set_defaults(func=cmd_models)
 
     sim = sub.add_parser("simulate", help="serve a model's exact byte stream on a pty, TCP or stdout")
-    sim.add_argument("--model", "-m", required=True, choices=sorted(MODELS))
+    sim.add_argument("--model", "-m", choices=sorted(MODELS), help="the model to serve (with --room: the oximeter)")
+    sim.add_argument(
+        "--room",
+        action="append",
+        metavar="N",
+        help="serve a whole room (oximeter and cuff) on ptys; repeat for more rooms",
+    )
+    sim.add_argument(
+        "--link-dir",
+        type=Path,
+        default=Path("/tmp/infusion-sim"),
+        help="with --room: links go to DIR/room-N/{oximeter,cuff}",
+    )
     sim.add_argument("--scenario", default="baseline", help="scenario name or TOML file (default: baseline)")
     sim.add_argument("--pty", action="store_true", help="open a pseudo-terminal and print its path")
     sim.add_argument("--link", type=Path, help="with --pty: also make this symlink to it (like udev)")

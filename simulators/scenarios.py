@@ -39,7 +39,7 @@ from datetime import datetime, timedelta
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core.core_schema import ValidationInfo
@@ -132,6 +132,30 @@ class NoiseFile(BaseModel):
     nibp_pulse_rate: float = _sigma()
 
 
+class FaultFile(BaseModel):
+    """A `[[faults]]` entry: something goes wrong between the device and the gateway for a while.
+
+    - unplug: the pty closes (the gateway's read fails at once) and a new one appears at the same link when
+      the fault ends, as when a USB adapter is pulled and plugged back;
+    - silence: the device stops sending but the port stays open (a dead serial device server looks like this);
+    - noise: the line is bad: `garbage` is the chance per frame of random bytes before it, `drop` the chance per
+      byte of losing it, `corrupt` the chance per byte of a flipped bit.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    t: float = Field(ge=0, allow_inf_nan=False)
+    duration_s: float = Field(gt=0, allow_inf_nan=False)
+    kind: Literal["unplug", "silence", "noise"]
+    garbage: float = Field(default=0.0, ge=0, le=1)
+    drop: float = Field(default=0.0, ge=0, le=1)
+    corrupt: float = Field(default=0.0, ge=0, le=1)
+    devices: tuple[Literal["pulse_oximeter", "nibp"], ...] = ("pulse_oximeter", "nibp")
+
+    def active(self, t_s: float) -> bool:
+        return self.t <= t_s < self.t + self.duration_s
+
+
 class ScenarioFile(BaseModel):
     """A whole scenario file, validated strictly so a typo is an error, not a silently ignored line."""
 
@@ -142,6 +166,7 @@ class ScenarioFile(BaseModel):
     start: datetime = DEFAULT_START
     keyframes: tuple[KeyframeFile, ...]
     noise: NoiseFile = NoiseFile()
+    faults: tuple[FaultFile, ...] = ()
 
     @field_validator("keyframes")
     @classmethod
@@ -232,6 +257,11 @@ class Scenario:
         """The noise-free value of `metric` at `t_s` (None if never set); `missing` does not blank it."""
         track = self._tracks.get(metric)
         return None if track is None else _interpolate(track, self.scenario_time(t_s))
+
+    def faults_at(self, t_s: float, kind: str) -> tuple[FaultFile, ...]:
+        """Faults active at scenario time `t_s` for a device of `kind` (they repeat with the loop)."""
+        u = self.scenario_time(t_s)
+        return tuple(f for f in self.file.faults if kind in f.devices and f.active(u))
 
     def sample(self, t_s: float, rng: random.Random) -> Sample:
         """What the device shows at scenario time `t_s` (seconds since the scenario started).

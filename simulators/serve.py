@@ -18,10 +18,11 @@ import signal
 import sys
 import termios
 import tty
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from devices.base import Emulator, Model, Sample
 from devices.registry import get_model
@@ -68,6 +69,11 @@ class DeviceSimulator:
         self._rng = random.Random(seed)
         self._k = 0  # ticks made so far; scenario time is k * tick_s (no float drift from summing)
         self._write: Write | None = None
+        self._kind = str(model.spec.kind)
+        self._fault_rng = random.Random(seed ^ 0x5EED)  # faults do not disturb the values' random stream
+        self.unplugged = False
+        self.on_unplug: Callable[[bool], None] | None = None  # the endpoint closes and reopens the pty
+        self.frames_lost = 0  # outputs the scenario's faults kept from the wire (unplug, silence)
 
     @property
     def t(self) -> float:
@@ -81,14 +87,30 @@ class DeviceSimulator:
         return end is not None and self.t >= end - 1e-9
 
     def step(self) -> tuple[Sample, bytes]:
-        """Make the next tick now, without waiting: the sample and what the device sends (maybe b"")."""
+        """Make the next tick now, without waiting: the sample and what reaches the wire (maybe b"")."""
         t = self.t
         sample = self.scenario.sample(t, self._rng)
         out = self.emulator.tick(t, sample)
         self._k += 1
         self.samples.append(sample)
         self.last_sample = sample
-        return sample, out
+        return sample, self._apply_faults(t, out)
+
+    def _apply_faults(self, t: float, out: bytes) -> bytes:
+        faults = self.scenario.faults_at(t, self._kind) if self.scenario.file.faults else ()
+        unplugged = any(f.kind == "unplug" for f in faults)
+        if unplugged != self.unplugged:
+            self.unplugged = unplugged
+            if self.on_unplug is not None:
+                self.on_unplug(unplugged)
+        if not out:
+            return out
+        if unplugged or any(f.kind == "silence" for f in faults):
+            self.frames_lost += 1
+            return b""
+        for fault in faults:
+            out = damage(out, fault.garbage, fault.drop, fault.corrupt, self._fault_rng)
+        return out
 
     def receive(self, data: bytes) -> None:
         """Bytes from the host (commands): the emulator's immediate reply goes out on the running writer."""
@@ -142,6 +164,20 @@ class DeviceSimulator:
         finally:
             self._write = None
         return written
+
+
+def damage(frame: bytes, garbage: float, drop: float, corrupt: float, rng: random.Random) -> bytes:
+    """A bad line: random bytes before the frame, bytes lost, bits flipped (what breaks checksums)."""
+    out = bytearray()
+    if garbage and rng.random() < garbage:
+        out += rng.randbytes(rng.randint(1, 12))
+    for byte in frame:
+        if drop and rng.random() < drop:
+            continue
+        if corrupt and rng.random() < corrupt:
+            byte ^= 1 << rng.randrange(8)
+        out.append(byte)
+    return bytes(out)
 
 
 # --- endpoints ----------------------------------------------------------------------------------------------
@@ -426,7 +462,83 @@ def _sigterm_stops_this_task() -> Iterator[list[int]]:
         loop.remove_signal_handler(signal.SIGTERM)
 
 
-# --- the CLI's entry point ----------------------------------------------------------------------------------
+# --- the CLI's entry points --------------------------------------------------------------------------------
+
+
+class _PtySlot:
+    """The pty of one device, replaced by a new one at the same link after an `unplug` fault ends."""
+
+    def __init__(self, link: Path | None, on_receive: Write, ready: Callable[[str], None], label: str) -> None:
+        self.link = link
+        self.on_receive = on_receive
+        self.ready = ready
+        self.label = label
+        self.endpoint = self._open()
+
+    def _open(self) -> PtyEndpoint:
+        endpoint = PtyEndpoint(link=self.link, on_receive=self.on_receive)
+        self.ready(f"{self.label} on {endpoint.path}" + (f" (link {self.link})" if self.link is not None else ""))
+        return endpoint
+
+    def write(self, frame: bytes) -> None:
+        self.endpoint.write(frame)
+
+    def unplug(self, unplugged: bool) -> None:
+        if unplugged:
+            self.endpoint.close()
+        elif self.endpoint.closed:
+            self.endpoint = self._open()
+
+
+async def _serve_sim(
+    sim: DeviceSimulator,
+    label: str,
+    *,
+    pty: bool,
+    link: Path | None,
+    tcp_port: int | None,
+    stdout: bool,
+    duration_s: float | None,
+    ready: Callable[[str], None],
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        writers: list[Write] = []
+        slot: _PtySlot | None = None
+        if pty:
+            slot = _PtySlot(link, sim.receive, ready, label)
+            stack.callback(lambda: slot.endpoint.close() if slot else None)
+            writers.append(slot.write)
+            sim.on_unplug = slot.unplug
+        if tcp_port is not None:
+            tcp = await stack.enter_async_context(TcpEndpoint(port=tcp_port, on_receive=sim.receive))
+            writers.append(tcp.write)
+            ready(f"{label} on {tcp.url}")
+        if stdout:
+            writers.append(StdoutEndpoint().write)
+            ready(f"{label} on stdout")
+
+        def write(frame: bytes) -> None:
+            for w in writers:
+                w(frame)
+
+        await sim.run(write, duration_s=duration_s)
+        if slot is not None:
+            # Let a connected reader take the last frame before the cable is "pulled".
+            await slot.endpoint.drain(max_wait_s=1.0)
+
+
+async def _until_sigterm(coro: Coroutine[Any, Any, None]) -> None:
+    """Run `coro`; SIGTERM (like Ctrl-C) ends it cleanly, closing endpoints and removing links."""
+    with _sigterm_stops_this_task() as sigterm:
+        try:
+            await coro
+        except EndpointClosedError:
+            return
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not sigterm or task is None:
+                raise
+            task.uncancel()  # our own stop, not the caller's: return normally
 
 
 async def serve(
@@ -458,42 +570,66 @@ async def serve(
     if link is not None and not pty:
         raise ValueError("link needs pty")
     sim = DeviceSimulator(model, scenario, seed=seed, speed=speed)
-
-    def ready(line: str) -> None:
-        if on_ready is not None:
-            on_ready(line)
-
-    async with contextlib.AsyncExitStack() as stack:
-        writers: list[Write] = []
-        pty_endpoint: PtyEndpoint | None = None
-        if pty:
-            pty_endpoint = stack.enter_context(PtyEndpoint(link=link, on_receive=sim.receive))
-            writers.append(pty_endpoint.write)
-            ready(f"{model_id} on {pty_endpoint.path}" + (f" (link {link})" if link is not None else ""))
-        if tcp_port is not None:
-            tcp = await stack.enter_async_context(TcpEndpoint(port=tcp_port, on_receive=sim.receive))
-            writers.append(tcp.write)
-            ready(f"{model_id} on {tcp.url}")
-        if stdout:
-            writers.append(StdoutEndpoint().write)
-            ready(f"{model_id} on stdout")
-
-        def write(frame: bytes) -> None:
-            for w in writers:
-                w(frame)
-
-        with _sigterm_stops_this_task() as sigterm:
-            try:
-                await sim.run(write, duration_s=duration_s)
-            except EndpointClosedError:
-                return sim
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not sigterm or task is None:
-                    raise
-                task.uncancel()  # our own stop, not the caller's: return normally
-                return sim
-        if pty_endpoint is not None:
-            # Let a connected reader take the last frame before the cable is "pulled".
-            await pty_endpoint.drain(max_wait_s=1.0)
+    await _until_sigterm(
+        _serve_sim(
+            sim,
+            model_id,
+            pty=pty,
+            link=link,
+            tcp_port=tcp_port,
+            stdout=stdout,
+            duration_s=duration_s,
+            ready=on_ready or (lambda _line: None),
+        )
+    )
     return sim
+
+
+@dataclass(frozen=True)
+class RoomDevice:
+    """One device of a simulated room: its name in the room (the link's file name) and model."""
+
+    name: str
+    model_id: str
+
+
+DEFAULT_ROOM = (RoomDevice("oximeter", "masimo-ascii1"), RoomDevice("cuff", "suntech-advantage"))
+
+
+async def serve_room(
+    room: str,
+    scenario: Scenario | str | Path,
+    link_dir: Path,
+    *,
+    devices: tuple[RoomDevice, ...] = DEFAULT_ROOM,
+    speed: float = 1.0,
+    duration_s: float | None = None,
+    seed: int = 1,
+    on_ready: Callable[[str], None] | None = None,
+) -> list[DeviceSimulator]:
+    """A whole room at once: every device on its own pty, linked as `link_dir/room-<room>/<name>`, all following
+    the same scenario (the oximeter takes its SpO2 from it, the cuff its pressures)."""
+    if not isinstance(scenario, Scenario):
+        scenario = load_scenario(scenario)
+    folder = link_dir / f"room-{room}"
+    folder.mkdir(parents=True, exist_ok=True)
+    sims = [DeviceSimulator(get_model(d.model_id), scenario, seed=seed + i, speed=speed) for i, d in enumerate(devices)]
+
+    async def all_devices() -> None:
+        async with asyncio.TaskGroup() as group:
+            for device, sim in zip(devices, sims, strict=True):
+                group.create_task(
+                    _serve_sim(
+                        sim,
+                        f"room {room} {device.name} ({device.model_id})",
+                        pty=True,
+                        link=folder / device.name,
+                        tcp_port=None,
+                        stdout=False,
+                        duration_s=duration_s,
+                        ready=on_ready or (lambda _line: None),
+                    )
+                )
+
+    await _until_sigterm(all_devices())
+    return sims
