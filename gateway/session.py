@@ -156,7 +156,7 @@ class DeviceSession:
     def _release(self, now: float) -> None:
         """Fast devices (60 records a second) are thinned to the latest reading per publish interval."""
         interval = self.spec.publish_interval_s
-        if self._held is not None and interval is not None and now - self._last_published >= interval - 0.02:
+        if self._held is not None and interval is not None and now - self._last_published >= interval:
             reading, self._held = self._held, None
             self._last_published = now
             self.emit(self, reading, now)
