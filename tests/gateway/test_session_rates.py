@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 from devices.base import Reading, Waveform
@@ -25,7 +26,7 @@ def test_sixty_readings_a_second_become_one_a_second_latest_wins() -> None:
     readings = [(e, t) for e, t in out if isinstance(e, Reading)]
     assert len(readings) == 3
     times = [t for _, t in readings]
-    assert all(b - a >= 1.0 - 1e-9 for a, b in zip(times, times[1:], strict=False))
+    assert all(b - a >= 1.0 - 1e-9 for a, b in itertools.pairwise(times))
     assert session.received == 180
     assert not [e for e, _ in out if isinstance(e, Waveform)]  # not opted in
 
