@@ -6,15 +6,27 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from devices.base import DeviceStatus, Reading, Waveform
-from gateway.commands import handle_command
+from gateway.alarms import AlarmEngine, AlarmEvent, SessionEvent
+from gateway.commands import CommandRouter
 from gateway.config import Config
 from gateway.delivery import SinkWorker
 from gateway.outbox import Outbox
-from gateway.records import iso_utc, origin_for, reading_record, status_record, waveform_record
+from gateway.records import (
+    alarm_record,
+    gateway_origin,
+    iso_utc,
+    origin_for,
+    reading_record,
+    room_origin,
+    session_record,
+    status_record,
+    waveform_record,
+)
 from gateway.session import DeviceSession
 from gateway.sinks.influx import InfluxSink
 from gateway.sinks.mqtt import MqttSink
@@ -38,29 +50,98 @@ class Gateway:
         self._origins = {s.key: origin_for(g.site, s.cfg.room, s.cfg.name, s.spec) for s in self.sessions}
         self.mqtt = SinkWorker(
             self.outbox,
-            lambda: MqttSink(cfg.mqtt, g.site, g.id, g.live_window_s, on_command=self._command),
+            lambda: MqttSink(
+                cfg.mqtt, g.site, g.id, g.live_window_s, on_command=self._command, commands=self.router.subscriptions
+            ),
             "mqtt",
             batch_size=500,
         )
         self.influx = SinkWorker(self.outbox, lambda: InfluxSink(cfg.influx), "influx", cfg.influx.batch_size)
         self.received = 0
+        self.profile = cfg.alarms.build()
+        if self.profile.example:
+            log.warning(
+                "alarm profile %r is the shipped EXAMPLE of a site policy, not clinical advice: "
+                "configure [alarms] rules with your clinicians",
+                self.profile.name,
+            )
+        schedules = {d.key: d.measure_every_s for d in cfg.devices if d.measure_every_s is not None}
+        self.alarms = AlarmEngine(self.profile, schedules)
+        self._alarm_origins = dict(self._origins)
+        self._alarm_origins[f"_gateway/{g.id}"] = gateway_origin(g.site, g.id)
+        self.router = CommandRouter(cfg.mqtt.topic_prefix, g.site, {s.key: s for s in self.sessions}, self)
 
     def _command(self, topic: str, payload: bytes) -> bytes:
-        by_key = {s.key: s for s in self.sessions}
-        return handle_command(self.cfg.mqtt.topic_prefix, self.cfg.gateway.site, by_key, topic, payload)
+        return self.router.handle(topic, payload)
+
+    def _put(self, key: str, build: Callable[..., dict[str, Any]], origin: dict[str, str], *args: Any) -> None:
+        """Number the record in its key's sequence, build it and queue it for the next commit."""
+        seq = self.outbox.next_seq(key)
+        self.outbox.put(key, seq, build(origin, seq, *args))
 
     def _emit(self, session: DeviceSession, event: Reading | DeviceStatus | Waveform, now: float) -> None:
-        """Stamp an event and hand it to the outbox; nothing reaches a sink before the commit."""
-        seq = self.outbox.next_seq(session.key)
+        """Stamp an event and hand it to the outbox; nothing reaches a sink before the commit. Then alarms."""
         origin = self._origins[session.key]
-        if isinstance(event, Reading):
-            record = reading_record(origin, seq, now, event)
-        elif isinstance(event, Waveform):
-            record = waveform_record(origin, seq, now, event)
-        else:
-            record = status_record(origin, seq, now, event)
+        room, device = session.cfg.room, session.cfg.name
         self.received += 1
-        self.outbox.put(session.key, seq, record)
+        if isinstance(event, Reading):
+            self._put(session.key, reading_record, origin, now, event)
+            self._alarm_events(self.alarms.on_reading(room, device, dict(event.metrics), event.trustworthy, now))
+        elif isinstance(event, Waveform):
+            self._put(session.key, waveform_record, origin, now, event)
+        else:
+            self._put(session.key, status_record, origin, now, event)
+            self._alarm_events(self.alarms.on_status(room, device, event.state, event.code, now))
+
+    def _alarm_events(self, events: Sequence[AlarmEvent | SessionEvent]) -> None:
+        for event in events:
+            if isinstance(event, SessionEvent):
+                self._put(f"{event.room}/_room", session_record, room_origin(self.cfg.gateway.site, event.room), event)
+                log.info("room %s: session %s %s %s", event.room, event.session_id, event.transition, event.baseline)
+                continue
+            key = f"{event.room}/{event.device}"
+            self._put(key, alarm_record, self._alarm_origins[key], event, self.profile.name, self.profile.example)
+            log.log(
+                logging.WARNING if event.transition in ("raised", "escalated") else logging.INFO,
+                "alarm %s %s (%s, %s) value=%s limit=%s",
+                event.alarm_id,
+                event.transition,
+                event.priority,
+                event.message,
+                event.value,
+                event.limit,
+            )
+
+    # -- room actions (RoomActions, for MQTT commands and the CLI) --------------------------------------------
+
+    def acknowledge(self, room: str, alarm_id: str, role: str | None) -> None:
+        self._alarm_events(self.alarms.acknowledge(room, alarm_id, role, time.time()))
+
+    def silence(self, room: str, alarm_id: str, seconds: float, role: str | None) -> None:
+        self._alarm_events(self.alarms.silence(room, alarm_id, seconds, role, time.time()))
+
+    def start_session(self, room: str, role: str | None) -> str:
+        now = time.time()
+        session_id = f"{room}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))}"
+        self._alarm_events(self.alarms.start_session(room, session_id, now))
+        return session_id
+
+    def stop_session(self, room: str, role: str | None) -> None:
+        self._alarm_events(self.alarms.stop_session(room, time.time()))
+
+    async def _alarm_loop(self) -> None:
+        """Delays, escalations and the gateway's own technical alarms, checked every tick."""
+        limit = self.cfg.gateway.outbox_max_records
+        fill = 0.0
+        last_fill_check = 0.0
+        while True:
+            now = time.time()
+            if now - last_fill_check >= 5.0:
+                last_fill_check = now
+                fill = max((await self.outbox.backlog()).values(), default=0) / limit
+            self._alarm_events(self.alarms.tick(now))
+            self._alarm_events(self.alarms.on_gateway(self.cfg.gateway.id, self.mqtt.connected, fill, now))
+            await asyncio.sleep(self.cfg.alarms.tick_s)
 
     async def status(self) -> dict[str, Any]:
         backlog = await self.outbox.backlog()
@@ -108,13 +189,14 @@ class Gateway:
         workers = [asyncio.create_task(w.run(), name=f"sink-{w.name}") for w in (self.mqtt, self.influx)]
         sessions = [asyncio.create_task(s.run(), name=f"device-{s.key}") for s in self.sessions]
         status = asyncio.create_task(self._status_loop(), name="status")
-        everything = [committer, *workers, *sessions, status]
+        alarms = asyncio.create_task(self._alarm_loop(), name="alarms")
+        everything = [committer, *workers, *sessions, status, alarms]
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopper, *everything], return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             if task is not stopper and task.exception() is not None:
                 log.error("task %s failed: %r", task.get_name(), task.exception())
-        await self._shutdown(committer, workers, [*sessions, status, stopper])
+        await self._shutdown(committer, workers, [*sessions, status, alarms, stopper])
 
     async def _shutdown(
         self,

@@ -27,6 +27,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from devices.base import DeviceKind
 from devices.registry import MODELS
+from gateway.alarms import EXAMPLE_KETAMINE_PROFILE, AlarmProfile, TechnicalRules, ThresholdRule
 
 NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 NAME_HINT = "use 1-32 lower-case letters, digits, '-' or '_' (room and device names only: never patient data)"
@@ -86,6 +87,7 @@ class GatewaySection(_Strict):
     live_window_s: Annotated[float, Field(gt=0, le=3600)] = 10.0  # older than this when sent = historical
     shutdown_timeout_s: Annotated[float, Field(ge=0, le=300)] = 5.0  # time to flush sinks on SIGTERM
     status_interval_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # retained gateway status refresh
+    outbox_max_records: Annotated[int, Field(ge=1000)] = 1_000_000  # "outbox filling" alarm is a fraction of it
 
 
 class MqttSection(_Strict):
@@ -139,6 +141,33 @@ class InfluxSection(_Strict):
         return self
 
 
+RESERVED_NAMES = frozenset({"alarms", "session", "command"})  # topic levels of their own
+
+
+class AlarmsSection(_Strict):
+    """The alarm profile: a site's policy. With no rules, the shipped EXAMPLE profile (labelled as such)."""
+
+    profile: str = EXAMPLE_KETAMINE_PROFILE.name
+    rules: tuple[ThresholdRule, ...] | None = None
+    technical: TechnicalRules = TechnicalRules()
+    tick_s: Annotated[float, Field(gt=0, le=5)] = 0.25  # how often delays and escalations are checked
+
+    @model_validator(mode="after")
+    def _profile(self) -> AlarmsSection:
+        if self.rules is None and self.profile != EXAMPLE_KETAMINE_PROFILE.name:
+            raise ValueError(
+                f"profile {self.profile!r} has no [[alarms.rules]]: add rules, or use "
+                f"profile = {EXAMPLE_KETAMINE_PROFILE.name!r} (an example, not advice)"
+            )
+        self.build()  # rule ids must be unique
+        return self
+
+    def build(self) -> AlarmProfile:
+        if self.rules is None:
+            return EXAMPLE_KETAMINE_PROFILE.model_copy(update={"technical": self.technical})
+        return AlarmProfile(name=self.profile, example=False, rules=self.rules, technical=self.technical)
+
+
 class DeviceConfig(_Strict):
     room: Annotated[str, Field(pattern=NAME_RE)]
     name: Annotated[str, Field(pattern=NAME_RE)]
@@ -150,6 +179,13 @@ class DeviceConfig(_Strict):
     # NIBP only: start a measurement this often (the cuff also measures on an MQTT command). None: commands only.
     measure_every_s: Annotated[float, Field(ge=60, le=86_400)] | None = None
     measurement_timeout_s: Annotated[float, Field(ge=30, le=600)] = 180.0
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in RESERVED_NAMES:
+            raise ValueError(f"{value!r} is a reserved topic level: choose another device name")
+        return value
 
     @model_validator(mode="after")
     def _kind_options(self) -> DeviceConfig:
@@ -189,6 +225,7 @@ class Config(BaseSettings):
     gateway: GatewaySection = GatewaySection()
     mqtt: MqttSection = MqttSection()
     influx: InfluxSection
+    alarms: AlarmsSection = AlarmsSection()
     devices: list[DeviceConfig] = Field(default_factory=list)
 
     @classmethod

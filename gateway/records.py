@@ -10,10 +10,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import models_json_schema
 
 from devices.base import METRICS, DeviceSpec, DeviceStatus, Reading, Waveform
+from gateway.alarms import AlarmEvent, SessionEvent
 
 SCHEMA_VERSION = 1
 
@@ -75,13 +76,54 @@ class WaveformMessage(_Envelope):
     samples: list[int] = Field(description="consecutive samples in device units, the first at `time` - len/rate")
 
 
-class CommandMessage(BaseModel):
+class AlarmMessage(_Envelope):
+    type: Literal["alarm"]
+    alarm_id: str = Field(description="room/device/rule: name it to acknowledge or silence the alarm")
+    rule: str
+    alarm_kind: Literal["physiological", "technical"]
+    priority: Literal["low", "medium", "high"]
+    transition: Literal["raised", "escalated", "acknowledged", "silenced", "cleared"]
+    active: bool = Field(description="whether the alarm is still active after this transition")
+    metric: str | None = None
+    value: float | None = Field(None, description="the value that caused the transition")
+    limit: float | None = None
+    message: str = ""
+    role: str | None = Field(None, description="who acknowledged or silenced: a role, never a name")
+    profile: str = Field(description="the alarm profile in force")
+    example_profile: bool = Field(description="true while the shipped EXAMPLE profile is in force (not advice)")
+
+
+class SessionMessage(_Envelope):
+    type: Literal["session"]
+    transition: Literal["started", "stopped", "baseline"]
+    session_id: str
+    baseline: dict[str, float] = Field(default_factory=dict, description="the session's first valid blood pressure")
+
+
+class DeviceCommand(BaseModel):
     """Sent to `.../{room}/{device}/command`. `id` is echoed in the reply so the sender can match it."""
 
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=64)
     action: Literal["start_measurement"]
     operator_role: str | None = Field(None, max_length=32, description="a role (nurse, physician), never a name")
+
+
+class RoomCommand(BaseModel):
+    """Sent to `.../{room}/command`: alarm acknowledgement and silence, infusion sessions."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=64)
+    action: Literal["acknowledge", "silence", "start_session", "stop_session"]
+    alarm_id: str | None = Field(None, max_length=200, description="for acknowledge and silence")
+    silence_s: float = Field(120.0, gt=0, le=600, description="for silence")
+    operator_role: str | None = Field(None, max_length=32, description="a role (nurse, physician), never a name")
+
+    @model_validator(mode="after")
+    def _alarm_id(self) -> RoomCommand:
+        if self.action in ("acknowledge", "silence") and not self.alarm_id:
+            raise ValueError(f"{self.action} needs alarm_id")
+        return self
 
 
 class CommandReply(BaseModel):
@@ -166,6 +208,44 @@ def waveform_record(origin: dict[str, str], seq: int, received: float, wave: Wav
     }
 
 
+def alarm_record(origin: dict[str, str], seq: int, event: AlarmEvent, profile: str, example: bool) -> dict[str, Any]:
+    return {
+        **_envelope(origin, seq, event.time),
+        "type": "alarm",
+        "alarm_id": event.alarm_id,
+        "rule": event.rule,
+        "alarm_kind": event.kind,
+        "priority": event.priority,
+        "transition": event.transition,
+        "active": event.active,
+        "metric": event.metric,
+        "value": event.value,
+        "limit": event.limit,
+        "message": event.message,
+        "role": event.role,
+        "profile": profile,
+        "example_profile": example,
+    }
+
+
+def session_record(origin: dict[str, str], seq: int, event: SessionEvent) -> dict[str, Any]:
+    return {
+        **_envelope(origin, seq, event.time),
+        "type": "session",
+        "transition": event.transition,
+        "session_id": event.session_id,
+        "baseline": dict(event.baseline),
+    }
+
+
+def room_origin(site: str, room: str) -> dict[str, str]:
+    return {"site": site, "room": room, "device": "_room", "model": "session", "kind": "session"}
+
+
+def gateway_origin(site: str, gateway_id: str) -> dict[str, str]:
+    return {"site": site, "room": "_gateway", "device": gateway_id, "model": "gateway", "kind": "gateway"}
+
+
 def origin_for(site: str, room: str, device: str, spec: DeviceSpec) -> dict[str, str]:
     return {"site": site, "room": room, "device": device, "model": spec.model, "kind": str(spec.kind)}
 
@@ -184,7 +264,17 @@ def gateway_topic(prefix: str, site: str, gateway_id: str) -> str:
 
 def schema_document() -> dict[str, Any]:
     """The JSON Schema of every payload, generated from the models (`make schema` writes docs/mqtt-schema.json)."""
-    models = (ReadingMessage, StatusMessage, WaveformMessage, GatewayStatusMessage, CommandMessage, CommandReply)
+    models = (
+        ReadingMessage,
+        StatusMessage,
+        WaveformMessage,
+        AlarmMessage,
+        SessionMessage,
+        GatewayStatusMessage,
+        DeviceCommand,
+        RoomCommand,
+        CommandReply,
+    )
     _, defs = models_json_schema([(m, "validation") for m in models], ref_template="#/$defs/{model}")
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -6,65 +6,65 @@ A missing binary FAILS the test with the install command: a test that silently s
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import tty
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from gateway.localservices import Influxd, Mosquitto, ServiceUnavailable
-
-_db_names = itertools.count(1)
+from tests.helpers import PtyPair
 
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A broker of the test's own; the test may stop(), restart() or kill() it, teardown copes."""
     broker = Mosquitto(tmp_path / "mosquitto")
     try:
         broker.start()
     except ServiceUnavailable as exc:
         pytest.fail(str(exc), pytrace=False)
-    yield broker
-    broker.stop()
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 @pytest.fixture
 def influxd(tmp_path: Path) -> Iterator[Influxd]:
+    """An influxd of the test's own, data in tmp_path; the test may stop(), restart() or kill() it."""
     server = Influxd(tmp_path / "influxd")
     try:
         server.start()
     except ServiceUnavailable as exc:
         pytest.fail(str(exc), pytrace=False)
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
 def influx_db(influxd: Influxd) -> str:
-    name = f"test_{next(_db_names)}"
+    """A fresh, empty database on the `influxd` fixture; returns its name."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
     influxd.create_database(name)
     return name
-
-
-@dataclass
-class PtyPair:
-    master_fd: int
-    slave_fd: int
-    slave_path: str
-    link: Path
 
 
 @pytest.fixture
 def pty_pair(tmp_path: Path) -> Iterator[PtyPair]:
     """A raw pseudo-terminal and a stable symlink to its slave side, as udev gives /dev/serial/by-id links."""
     master, slave = os.openpty()
-    tty.setraw(slave)
-    link = tmp_path / "serial-by-id"
-    link.symlink_to(os.ttyname(slave))
-    yield PtyPair(master, slave, os.ttyname(slave), link)
-    for fd in (master, slave):
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    try:
+        tty.setraw(slave)  # no echo, no CR/LF translation, no line editing: bytes pass unchanged
+        slave_path = os.ttyname(slave)
+        link = tmp_path / "serial-by-id"
+        link.symlink_to(slave_path)
+        yield PtyPair(master_fd=master, slave_fd=slave, slave_path=slave_path, link=link)
+    finally:
+        for fd in (master, slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -1,18 +1,50 @@
-"""Small helpers shared by tests."""
+"""Small helpers shared by tests (conftest holds the fixtures; this module holds what tests import)."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import os
+import select
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class PtyPair:
+    """The `pty_pair` fixture: the test plays the device on `master_fd`; the code under test opens `link`."""
+
+    master_fd: int
+    slave_fd: int  # held open so the master never sees a hang-up while the code under test reopens the port
+    slave_path: str
+    link: Path
+
+
+def _describe(predicate: Callable[[], bool]) -> str:
+    try:
+        return inspect.getsource(predicate).strip()
+    except (OSError, TypeError):
+        return repr(predicate)
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> None:
-    """Poll until predicate() is true; fail with the predicate's source line after `timeout` seconds."""
+    """Poll until predicate() is true; after `timeout` seconds fail, quoting the predicate's source line."""
     deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
+    while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout:g} s")
+            raise AssertionError(f"not true within {timeout:g} s: {_describe(predicate)}")
         await asyncio.sleep(interval)
+
+
+def read_exactly(fd: int, n: int, timeout: float = 5.0) -> bytes:
+    """Read n bytes from a (pty) fd, which hands them over in pieces; fail with what came after `timeout` s."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while len(data) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise AssertionError(f"read {len(data)} of {n} bytes within {timeout:g} s: {data[-64:]!r}")
+        data += os.read(fd, n - len(data))
+    return data

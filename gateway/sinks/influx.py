@@ -45,6 +45,25 @@ def to_point(record: dict[str, Any]) -> Point | None:
         point.field("detail", record["detail"])
         if record.get("code") is not None:
             point.field("code", int(record["code"]))
+    elif kind == "alarm":
+        point = Point("alarms")
+        point.tag("rule", record["rule"])
+        point.tag("alarm_kind", record["alarm_kind"])
+        for name in ("alarm_id", "priority", "transition", "message", "profile"):
+            point.field(name, record[name])
+        point.field("active", bool(record["active"]))
+        point.field("role", record["role"] or "")
+        for name in ("value", "limit"):
+            if record.get(name) is not None:
+                point.field(name, float(record[name]))
+        if record.get("metric"):
+            point.field("metric", record["metric"])
+    elif kind == "session":
+        point = Point("sessions")
+        point.field("transition", record["transition"])
+        point.field("session_id", record["session_id"])
+        for name, value in record["baseline"].items():
+            point.field(f"baseline_{name}", float(value))
     else:
         return None
     for tag in TAGS:

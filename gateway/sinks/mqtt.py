@@ -66,10 +66,11 @@ class MqttSink:
         gateway_id: str,
         live_window_s: float,
         on_command: CommandHandler | None = None,
+        commands: list[str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.on_command = on_command
-        self.command_topic = f"{cfg.topic_prefix}/{site}/+/+/command"
+        self.command_topics = commands or []
         self._listener: asyncio.Task[None] | None = None
         self.site = site
         self.gateway_id = gateway_id
@@ -104,7 +105,8 @@ class MqttSink:
             await asyncio.gather(*(client.publish(t, p, qos=1, retain=True) for t, p in self._retained.items()))
             await self.publish_gateway_status()
             if self.on_command is not None:
-                await client.subscribe(self.command_topic, qos=1)
+                for topic in self.command_topics:
+                    await client.subscribe(topic, qos=1)
                 self._listener = asyncio.create_task(self._listen(client), name="mqtt-commands")
         except aiomqtt.MqttError as exc:
             await self.__aexit__(None, None, None)
@@ -150,20 +152,30 @@ class MqttSink:
         except aiomqtt.MqttError as exc:
             raise SinkUnavailable(f"MQTT gateway status publish failed: {exc}") from exc
 
-    def _route(self, record: dict[str, Any], now: float) -> tuple[str, bytes, bool]:
+    def _route(self, record: dict[str, Any], now: float) -> list[tuple[str, bytes, bool]]:
+        """(topic, payload, retain) for each message a record becomes (docs/mqtt.md)."""
         prefix, site, room, device = self.cfg.topic_prefix, record["site"], record["room"], record["device"]
-        if record["type"] == "status":
-            return device_topic(prefix, site, room, device, "status"), json.dumps(record).encode(), True
+        kind = record["type"]
+        if kind == "status":
+            return [(device_topic(prefix, site, room, device, "status"), json.dumps(record).encode(), True)]
         if now - parse_iso_ns(record["time"]) / 1e9 > self.live_window_s:
             record = {**record, "historical": True}
-        return device_topic(prefix, site, room, device, record["type"]), json.dumps(record).encode(), False
+        payload = json.dumps(record).encode()
+        if kind == "alarm":
+            base = f"{prefix}/{site}/{room}/alarms"
+            # The retained "active" topic holds the alarm while it lasts; an empty retained message removes it.
+            active = payload if record["active"] else b""
+            return [(f"{base}/events", payload, False), (f"{base}/active/{device}/{record['rule']}", active, True)]
+        if kind == "session":
+            return [(f"{prefix}/{site}/{room}/session", payload, True)]
+        return [(device_topic(prefix, site, room, device, kind), payload, False)]
 
     async def write(self, batch: list[dict[str, Any]]) -> WriteResult:
         client = self._client
         if client is None:
             raise SinkUnavailable("not connected")
         now = time.time()
-        routed = [self._route(r, now) for r in batch]
+        routed = [message for r in batch for message in self._route(r, now)]
         try:
             await asyncio.gather(*(client.publish(t, p, qos=1, retain=r) for t, p, r in routed))
         except aiomqtt.MqttError as exc:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gateway.commands import handle_command
+from gateway.commands import CommandRouter
 from gateway.config import DeviceConfig
 from gateway.session import DeviceSession
 
@@ -20,7 +20,7 @@ def sessions() -> dict[str, DeviceSession]:
 
 def send(sessions: dict[str, DeviceSession], topic: str, payload: Any) -> dict[str, Any]:
     raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    reply: dict[str, Any] = json.loads(handle_command("infusion", "clinic", sessions, topic, raw))
+    reply: dict[str, Any] = json.loads(CommandRouter("infusion", "clinic", sessions).handle(topic, raw))
     return reply
 
 

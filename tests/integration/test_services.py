@@ -3,49 +3,164 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
-import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import paho.mqtt.client as paho
+import pytest
 import serial
 
-from gateway.localservices import Influxd, Mosquitto, mqtt_handshake
-from tests.conftest import PtyPair
+from gateway.localservices import (
+    Influxd,
+    InfluxError,
+    Mosquitto,
+    ServiceUnavailable,
+    find_free_port,
+    mqtt_handshake,
+)
+from tests.helpers import PtyPair, read_exactly
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000_123_456_789  # a nanosecond timestamp: precision=ns must keep every digit
 
 
-def test_mosquitto_routes_messages_and_restarts_on_the_same_port(mosquitto: Mosquitto) -> None:
-    got = threading.Event()
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="fixture-test")
-    client.on_message = lambda _c, _u, msg: got.set() if msg.payload == b"hello" else None
-    client.connect(mosquitto.host, mosquitto.port)
-    client.loop_start()
-    client.subscribe("t/#", qos=1)
-    time.sleep(0.2)
-    client.publish("t/x", b"hello", qos=1).wait_for_publish(5)
-    assert got.wait(5)
-    client.loop_stop()
-    client.disconnect()
+class Client:
+    """A paho client that connects and subscribes synchronously, collecting (topic, payload) pairs."""
+
+    def __init__(self, broker: Mosquitto, client_id: str) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self.got = threading.Event()
+        self.subscribed = threading.Event()
+        connected = threading.Event()
+        self.paho = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.paho.on_connect = lambda _c, _u, _f, rc, _p: connected.set() if not rc.is_failure else None
+        self.paho.on_subscribe = lambda *_: self.subscribed.set()
+        self.paho.on_message = self._on_message
+        self.paho.connect(broker.host, broker.port, keepalive=10)
+        self.paho.loop_start()
+        assert connected.wait(5), "no CONNACK from the broker"
+
+    def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        self.messages.append((msg.topic, msg.payload))
+        self.got.set()
+
+    def subscribe(self, topic: str) -> None:
+        self.paho.subscribe(topic, qos=1)
+        assert self.subscribed.wait(5), "no SUBACK from the broker"
+
+    def close(self) -> None:
+        self.paho.disconnect()
+        self.paho.loop_stop()
+
+
+def round_trip(broker: Mosquitto, payload: bytes) -> None:
+    client = Client(broker, "fixture-test")
+    try:
+        client.subscribe("t/#")
+        client.paho.publish("t/x", payload, qos=1).wait_for_publish(5)
+        assert client.got.wait(5)
+        assert client.messages == [("t/x", payload)]
+    finally:
+        client.close()
+
+
+def test_mosquitto_routes_a_publish_to_a_subscriber(mosquitto: Mosquitto) -> None:
+    assert mosquitto.url == f"mqtt://127.0.0.1:{mosquitto.port}"
+    round_trip(mosquitto, bytes(range(256)))
+
+
+def test_mosquitto_restart_keeps_the_port(mosquitto: Mosquitto) -> None:
     port = mosquitto.port
     mosquitto.stop()
-    assert not mqtt_handshake(mosquitto.host, port)
+    assert not mosquitto.running and not mqtt_handshake(mosquitto.host, port)
+    mosquitto.stop()  # twice is harmless
     mosquitto.start()
-    assert mosquitto.port == port and mqtt_handshake(mosquitto.host, port)
+    assert mosquitto.port == port
+    round_trip(mosquitto, b"after start")
+    mosquitto.restart()
+    assert mosquitto.port == port
+    round_trip(mosquitto, b"after restart")
 
 
-def test_influxd_stores_points_and_keeps_them_across_restart(influxd: Influxd, influx_db: str) -> None:
-    influxd.write(influx_db, "vitals,room=1 spo2=97 1700000000000000000")
-    assert influxd.query(influx_db, "SELECT spo2 FROM vitals")[0]["values"] == [[1700000000000000000, 97]]
+def post_lines(influxd: Influxd, db: str, lines: str) -> int:
+    query = urllib.parse.urlencode({"db": db, "precision": "ns"})
+    req = urllib.request.Request(f"{influxd.url}/write?{query}", data=lines.encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return int(resp.status)
+
+
+def test_influxd_stores_a_line_protocol_write(influxd: Influxd, influx_db: str) -> None:
+    assert influxd.url == f"http://127.0.0.1:{influxd.port}"
+    assert post_lines(influxd, influx_db, f'vitals,room=1 spo2=97i,pi=2.5,state="ok" {T0}\n') == 204
+    series = influxd.query(influx_db, "SELECT spo2, pi, state FROM vitals WHERE room = '1'")
+    assert series == [{"name": "vitals", "columns": ["time", "spo2", "pi", "state"], "values": [[T0, 97, 2.5, "ok"]]}]
+    assert influxd.query(influx_db, "SELECT * FROM vitals WHERE room = '2'") == []
+
+
+def test_influxd_restart_keeps_the_data_and_the_port(influxd: Influxd, influx_db: str) -> None:
+    port = influxd.port
+    assert post_lines(influxd, influx_db, f"vitals,room=1 spo2=97i {T0}\nvitals,room=1 spo2=96i {T0 + 1}") == 204
     influxd.restart()
-    assert influxd.query(influx_db, "SELECT spo2 FROM vitals")[0]["values"] == [[1700000000000000000, 97]]
+    assert influxd.port == port
+    assert influxd.query(influx_db, "SELECT spo2 FROM vitals")[0]["values"] == [[T0, 97], [T0 + 1, 96]]
+
+
+def test_influxd_query_errors_raise(influxd: Influxd, influx_db: str) -> None:
+    with pytest.raises(InfluxError, match="database not found"):
+        influxd.query("no_such_db", "SELECT * FROM vitals")
+    with pytest.raises(InfluxError):
+        influxd.query(influx_db, "SELEKT nonsense")
 
 
 def test_pty_passes_every_byte_unchanged_both_ways(pty_pair: PtyPair) -> None:
-    data = bytes(range(256)) + b"\r\n\r\n"
-    with serial.Serial(str(pty_pair.link), timeout=2) as port:
-        os.write(pty_pair.master_fd, data)
-        assert port.read(len(data)) == data
-        port.write(b"\x7d\x81\xa1\r\n")
-        port.flush()
-        assert os.read(pty_pair.master_fd, 64) == b"\x7d\x81\xa1\r\n"
     assert Path(pty_pair.link).resolve() == Path(pty_pair.slave_path)
+    data = bytes(range(256)) + b"\r\n\r\r\n\n" + bytes(range(255, -1, -1))
+    with serial.Serial(str(pty_pair.link), baudrate=9600, timeout=2) as port:
+        os.write(pty_pair.master_fd, data)  # device -> gateway
+        assert port.read(len(data)) == data
+        port.write(data)  # gateway -> device (host commands)
+        port.flush()
+        assert read_exactly(pty_pair.master_fd, len(data)) == data
+
+
+def test_missing_binary_names_the_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(Mosquitto, "fallback", str(tmp_path / "nowhere" / "mosquitto"))
+    monkeypatch.setattr(Influxd, "fallback", str(tmp_path / "nowhere" / "influxd"))
+    with pytest.raises(ServiceUnavailable, match=r"mosquitto not found.*`sudo apt-get install -y mosquitto`"):
+        Mosquitto(tmp_path).start()
+    with pytest.raises(ServiceUnavailable, match=r"influxd not found.*`sudo apt-get install -y influxdb`"):
+        Influxd(tmp_path).start()
+
+
+def test_a_service_that_dies_while_starting_reports_its_log(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        broker = Mosquitto(tmp_path / "given", port=taken)  # a port the caller chose is never changed
+        with pytest.raises(ServiceUnavailable, match=r"(?s)exited with code \d+.*Address already in use"):
+            broker.start()
+        assert not broker.running
+
+        broker = Mosquitto(tmp_path / "chosen")  # a port we chose is chosen again if someone took it meanwhile
+        with socket.socket() as thief:
+            thief.bind(("127.0.0.1", broker.port))
+            thief.listen()
+            with broker:
+                assert broker.port != thief.getsockname()[1] and mqtt_handshake(broker.host, broker.port)
+        assert not broker.running
+
+
+def test_context_manager_starts_and_stops(tmp_path: Path) -> None:
+    port = find_free_port()
+    with Influxd(tmp_path, port=port) as server:
+        assert server.running and server.port == port
+        server.create_database("ctx")
+        assert server.query("ctx", "SHOW MEASUREMENTS") == []
+    assert not server.running
+    server.stop()
