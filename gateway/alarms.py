@@ -208,6 +208,7 @@ class SessionEvent:
     transition: Literal["started", "stopped", "baseline"]
     time: float
     session_id: str
+    started: float
     baseline: dict[str, float] = field(default_factory=dict)
 
 
@@ -344,13 +345,13 @@ class AlarmEngine:
         if room in self._sessions:
             raise ValueError(f"room {room} already has a session running ({self._sessions[room].session_id})")
         self._sessions[room] = _Session(session_id, now)
-        return [SessionEvent(room, "started", now, session_id)]
+        return [SessionEvent(room, "started", now, session_id, now)]
 
     def stop_session(self, room: str, now: float) -> list[SessionEvent]:
         session = self._sessions.pop(room, None)
         if session is None:
             raise ValueError(f"room {room} has no session running")
-        return [SessionEvent(room, "stopped", now, session.session_id, dict(session.baseline))]
+        return [SessionEvent(room, "stopped", now, session.session_id, session.started, dict(session.baseline))]
 
     def session(self, room: str) -> _Session | None:
         return self._sessions.get(room)
@@ -385,7 +386,7 @@ class AlarmEngine:
         if session is None or session.baseline or not all(m in metrics for m in BP_METRICS[:2]):
             return []
         session.baseline = {m: metrics[m] for m in (*BP_METRICS, "nibp_pulse_rate") if m in metrics}
-        return [SessionEvent(room, "baseline", now, session.session_id, dict(session.baseline))]
+        return [SessionEvent(room, "baseline", now, session.session_id, session.started, dict(session.baseline))]
 
     def _alarm(
         self,

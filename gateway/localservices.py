@@ -280,11 +280,13 @@ class Mosquitto(_Service):
         return f"mqtt://{self.host}:{self.port}"
 
     def _write_config(self) -> list[str]:
-        # Logging to stderr (an inherited log file): stdout would be block-buffered, and `log_dest file` fails
-        # when mosquitto started as root drops to the mosquitto user and cannot open a file in our folder.
+        # As root, mosquitto drops to the mosquitto user: that change of credentials clears the parent-death
+        # signal (a killed test run would leave the broker behind) and it could not open files in our folder.
+        # Logging goes to stderr, an inherited log file: stdout would be block-buffered.
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
-            f"listener {self.port} {self.host}\n"
+            ("user root\n" if os.geteuid() == 0 else "")
+            + f"listener {self.port} {self.host}\n"
             "allow_anonymous true\n"
             "persistence false\n"
             "set_tcp_nodelay true\n"

@@ -97,6 +97,7 @@ class SessionMessage(_Envelope):
     type: Literal["session"]
     transition: Literal["started", "stopped", "baseline"]
     session_id: str
+    started: str = Field(description="UTC start of the session")
     baseline: dict[str, float] = Field(default_factory=dict, description="the session's first valid blood pressure")
 
 
@@ -234,6 +235,7 @@ def session_record(origin: dict[str, str], seq: int, event: SessionEvent) -> dic
         "type": "session",
         "transition": event.transition,
         "session_id": event.session_id,
+        "started": iso_utc(event.started),
         "baseline": dict(event.baseline),
     }
 

@@ -40,12 +40,23 @@ class DeviceView:
     detail: str = ""
 
 
+PRIORITY_STYLE = {"high": "bold white on red", "medium": "bold black on yellow", "low": "bold cyan"}
+PRIORITY_ORDER = {"high": 0, "medium": 1, "low": 2}
+
+
 @dataclass
 class Wall:
     rooms: dict[str, dict[str, DeviceView]] = field(default_factory=dict)
     gateways: dict[str, dict[str, Any]] = field(default_factory=dict)
+    alarms: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # room -> topic -> alarm
+    sessions: dict[str, dict[str, Any]] = field(default_factory=dict)  # room -> latest session message
 
     def apply(self, topic: str, payload: bytes) -> None:
+        if "/alarms/active/" in topic:
+            room = topic.split("/alarms/active/")[0].rsplit("/", 1)[-1]
+            if not payload:  # the retained alarm was removed: it has ended
+                self.alarms.get(room, {}).pop(topic, None)
+                return
         try:
             msg = json.loads(payload)
         except ValueError:
@@ -53,6 +64,12 @@ class Wall:
         if not isinstance(msg, dict):
             return
         kind = msg.get("type")
+        if kind == "alarm" and "/alarms/active/" in topic:
+            self.alarms.setdefault(str(msg["room"]), {})[topic] = msg
+            return
+        if kind == "session":
+            self.sessions[str(msg["room"])] = msg
+            return
         if kind == "gateway":
             self.gateways[str(msg.get("gateway"))] = msg
             return
@@ -68,7 +85,10 @@ class Wall:
             view.state, view.detail = str(msg.get("state")), str(msg.get("detail", ""))
 
     def render(self, now: float) -> Group:
-        tiles = [self._tile(room, devices, now) for room, devices in sorted(self.rooms.items())]
+        tiles = [
+            self._tile(room, devices, now, self.alarms.get(room, {}), self.sessions.get(room))
+            for room, devices in sorted(self.rooms.items())
+        ]
         header = Text("Infusion rooms  ", style="bold")
         for gw, body in sorted(self.gateways.items()):
             style = "green" if body.get("state") == "online" else "bold red"
@@ -83,20 +103,45 @@ class Wall:
         return Group(header, Columns(tiles, equal=True, expand=False))
 
     @staticmethod
-    def _tile(room: str, devices: dict[str, DeviceView], now: float) -> Panel:
+    def _tile(
+        room: str,
+        devices: dict[str, DeviceView],
+        now: float,
+        alarms: dict[str, dict[str, Any]],
+        session: dict[str, Any] | None,
+    ) -> Panel:
         table = Table.grid(padding=(0, 1))
         worst = "green"
+        for alarm in sorted(alarms.values(), key=lambda a: PRIORITY_ORDER.get(a.get("priority", "low"), 3)):
+            style = PRIORITY_STYLE.get(alarm.get("priority", "low"), "bold")
+            label = f"{alarm.get('priority', '?').upper()} {alarm.get('message') or alarm.get('rule')}"
+            if alarm.get("value") is not None:
+                label += f" ({alarm['value']:g})"
+            if alarm.get("transition") == "acknowledged":
+                label += " ack"
+            table.add_row(Text("ALARM", style=style), Text(label, style=style))
+            worst = "red" if alarm.get("priority") != "low" else worst
+        if session and session.get("transition") != "stopped":
+            minutes = (now - parse_iso_ns(str(session["started"])) / 1e9) / 60
+            table.add_row(Text("session", style="dim"), Text(f"{minutes:.0f} min", style="dim"))
         for name, view in sorted(devices.items()):
             age = None if view.at is None else now - view.at
             live = age is not None and age <= STALE_AFTER_S
-            if view.state not in HEALTHY:
+            if view.state not in HEALTHY and not (view.kind == "nibp" and view.state == "measuring"):
                 table.add_row(Text(name, style="bold"), Text(view.state.upper(), style="bold red"))
                 worst = "red"
+            elif view.kind == "nibp":  # a cuff is quiet between measurements: its state says whether it is alive
+                table.add_row(Text(name, style="bold"), Text(view.state, style="dim"))
             elif not live:
                 table.add_row(Text(name, style="bold"), Text("NO DATA", style="bold red"))
                 worst = "red"
             else:
                 table.add_row(Text(name, style="bold"), Text(f"{age:.0f}s ago", style="dim"))
+            if view.kind == "nibp" and view.at is not None and "nibp_systolic" in view.metrics:
+                m = view.metrics
+                bp = f"{m['nibp_systolic']:g}/{m.get('nibp_diastolic', 0):g}"
+                table.add_row("  BP", Text(f"{bp} mmHg, {(now - view.at) / 60:.0f} min ago", style="bold"))
+                continue
             if live:
                 for metric, label, unit in (
                     ("spo2", "SpO2", "%"),
