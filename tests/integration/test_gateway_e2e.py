@@ -27,7 +27,7 @@ from tests.helpers import wait_for
 N = 40
 
 
-def write_config(tmp_path: Path, mqtt_port: int, influx_url: str, db: str, port: Path) -> Path:
+def write_config(tmp_path: Path, mqtt_port: int, influx_url: str, db: str, port: Path, extra: str = "") -> Path:
     path = tmp_path / "gateway.toml"
     path.write_text(
         f"""
@@ -51,6 +51,7 @@ room = "7"
 name = "oximeter"
 model = "masimo-ascii1"
 port = "{port}"
+{extra}
 """
     )
     return path
