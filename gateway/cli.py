@@ -230,6 +230,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
+def _room_command(args: argparse.Namespace, **fields: object) -> int:
+    import uuid
+
+    from gateway.sinks.mqtt import MqttError, request
+    from gateway.watch import mqtt_from_args
+
+    try:
+        mqtt, site = mqtt_from_args(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if site == "+":
+        print(f"{args.command}: give --site or --config", file=sys.stderr)
+        return 2
+    command_id = uuid.uuid4().hex[:12]
+    topic = f"{mqtt.topic_prefix}/{site}/{args.room}/command"
+    payload = json.dumps({"id": command_id, **{k: v for k, v in fields.items() if v is not None}}).encode()
+    try:
+        reply = json.loads(asyncio.run(request(mqtt, topic, payload, command_id, args.timeout)))
+    except TimeoutError:
+        print(f"{args.command}: no reply from a gateway within {args.timeout:g} s on {topic}", file=sys.stderr)
+        return 1
+    except MqttError as exc:
+        print(f"{args.command}: cannot reach the MQTT broker at {mqtt.host}:{mqtt.port}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply))
+    return 0 if reply.get("ok") else 1
+
+
+def cmd_session(args: argparse.Namespace) -> int:
+    return _room_command(args, action=f"{args.action}_session", operator_role=args.role)
+
+
+def cmd_ack(args: argparse.Namespace) -> int:
+    action = "silence" if args.silence else "acknowledge"
+    return _room_command(args, action=action, alarm_id=args.alarm, operator_role=args.role, silence_s=args.silence)
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from gateway.records import schema_document
 
@@ -301,6 +339,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, help="where services keep their data (default: a temp dir)")
     demo.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
     demo.set_defaults(func=cmd_demo)
+
+    def broker_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--config", "-c", type=Path, help="gateway config (broker and site); or --host/--port")
+        parser.add_argument("--host", default=None)
+        parser.add_argument("--port", type=int, default=None)
+        parser.add_argument("--site", default=None)
+        parser.add_argument("--prefix", default=None)
+        parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the gateway's reply")
+
+    ses = sub.add_parser("session", help="start or stop a room's infusion session (the baseline for relative alarms)")
+    ses.add_argument("action", choices=["start", "stop"])
+    ses.add_argument("--room", required=True)
+    ses.add_argument("--role", help="operator role (nurse, physician): never a name")
+    broker_args(ses)
+    ses.set_defaults(func=cmd_session)
+
+    ack = sub.add_parser("ack", help="acknowledge (or --silence) an active alarm")
+    ack.add_argument("--room", required=True)
+    ack.add_argument("--alarm", required=True, help="the alarm id, room/device/rule, as the wall and MQTT show it")
+    ack.add_argument("--role", help="operator role (nurse, physician): never a name")
+    ack.add_argument("--silence", type=float, metavar="SECONDS", help="silence for this long instead of acknowledging")
+    broker_args(ack)
+    ack.set_defaults(func=cmd_ack)
 
     sch = sub.add_parser("schema", help="print the JSON Schema of the MQTT payloads")
     sch.set_defaults(func=cmd_schema)

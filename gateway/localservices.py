@@ -197,7 +197,7 @@ class _Service:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the service in order
+                start_new_session=True,  # Ctrl-C in a terminal reaches only us; we stop the service in order
                 preexec_fn=_die_with_parent(),  # only prctl, resolved before the fork
             )
         deadline = time.monotonic() + timeout
@@ -226,19 +226,16 @@ class _Service:
     def stop(self) -> None:
         """SIGTERM, up to 10 s for a clean shutdown (influxd closes its WAL), then SIGKILL. Safe to repeat."""
         proc, self._proc = self._proc, None
-        if proc is None:
+        if proc is None or proc.poll() is not None:
             return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                proc.wait(timeout=10)
-                return
-            except subprocess.TimeoutExpired:
-                pass
         with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait(timeout=10)
+            proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout=10)
 
     def kill(self) -> None:
         """An unclean death (SIGKILL), for fault tests."""
@@ -283,10 +280,10 @@ class Mosquitto(_Service):
         # As root, mosquitto drops to the mosquitto user: that change of credentials clears the parent-death
         # signal (a killed test run would leave the broker behind) and it could not open files in our folder.
         # Logging goes to stderr, an inherited log file: stdout would be block-buffered.
+        run_as = "user root\n" if os.geteuid() == 0 else ""
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
-            ("user root\n" if os.geteuid() == 0 else "")
-            + f"listener {self.port} {self.host}\n"
+            f"{run_as}listener {self.port} {self.host}\n"
             "allow_anonymous true\n"
             "persistence false\n"
             "set_tcp_nodelay true\n"

@@ -162,7 +162,7 @@ class Wall:
         return Panel(table, title=f"room {room}", border_style=worst, width=34)
 
 
-def _mqtt_from_args(args: argparse.Namespace) -> tuple[MqttSection, str]:
+def mqtt_from_args(args: argparse.Namespace) -> tuple[MqttSection, str]:
     if args.config is not None:
         cfg = load_config(args.config)
         mqtt, site = cfg.mqtt, cfg.gateway.site
@@ -213,7 +213,7 @@ def watch_main(args: argparse.Namespace) -> int:
     from gateway.sinks.mqtt import MqttError
 
     try:
-        mqtt, site = _mqtt_from_args(args)
+        mqtt, site = mqtt_from_args(args)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

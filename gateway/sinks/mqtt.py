@@ -205,3 +205,19 @@ async def subscribe(
 
 
 MqttError = aiomqtt.MqttError
+
+
+async def request(cfg: MqttSection, topic: str, payload: bytes, command_id: str, timeout_s: float = 10.0) -> bytes:
+    """Publish a command and wait for the gateway's reply with the same id (the CLI's `session` and `ack`)."""
+    async with make_client(cfg, f"infusion-cli-{command_id}") as client:
+        await client.subscribe(f"{topic}/reply", qos=1)
+        await client.publish(topic, payload, qos=1)
+        async with asyncio.timeout(timeout_s):
+            async for message in client.messages:
+                body = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+                try:
+                    if json.loads(body).get("id") == command_id:
+                        return body
+                except (ValueError, AttributeError):
+                    continue
+    raise TimeoutError  # pragma: no cover - the loop above only ends by returning or timing out

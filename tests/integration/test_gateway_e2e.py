@@ -151,6 +151,26 @@ async def test_every_simulated_reading_reaches_mqtt_and_influx(
         assert wall.returncode == 0, wall.stderr
         assert "room 7" in wall.stdout and "gateway gw-e2e: online" in wall.stdout
         assert "NO DATA" in wall.stdout  # the simulator has stopped: no old number is shown as live
+
+        # Infusion sessions from the CLI, answered by the gateway over MQTT.
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            broker = ["--host", "127.0.0.1", "--port", str(mosquitto.port), "--site", "test-site"]
+            return subprocess.run(
+                [sys.executable, "-m", "gateway", *args, *broker],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+
+        started = cli("session", "start", "--room", "7", "--role", "nurse")
+        assert started.returncode == 0, started.stderr
+        assert json.loads(started.stdout)["reason"].startswith("session 7-")
+        again = cli("session", "start", "--room", "7")
+        assert again.returncode == 1 and "already has a session" in again.stdout
+        unknown = cli("ack", "--room", "7", "--alarm", "7/oximeter/spo2-low")
+        assert unknown.returncode == 1 and "no active alarm" in unknown.stdout
+        assert cli("session", "stop", "--room", "7").returncode == 0
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

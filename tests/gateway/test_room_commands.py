@@ -1,0 +1,78 @@
+"""Room commands through the real Gateway wiring: acknowledge and sessions, recorded in the outbox."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from devices.base import Reading
+from gateway.app import Gateway
+from gateway.config import Config
+
+
+def config(tmp_path: Path) -> Config:
+    return Config(
+        gateway={"site": "s", "id": "gw", "data_dir": tmp_path},
+        influx={"api": "v1", "database": "x"},
+        alarms={
+            "profile": "test",
+            "rules": [{"id": "spo2-low", "metric": "spo2", "below": 90, "priority": "high", "latching": True}],
+        },
+        devices=[
+            {"room": "3", "name": "ox", "model": "masimo-ascii1", "port": "/dev/null"},
+        ],
+    )
+
+
+def command(gw: Gateway, topic: str, **fields: Any) -> dict[str, Any]:
+    reply: dict[str, Any] = json.loads(gw.router.handle(f"infusion/s/{topic}", json.dumps(fields).encode()))
+    return reply
+
+
+async def records(gw: Gateway, kind: str) -> list[dict[str, Any]]:
+    await gw.outbox.flush()
+    return [it.record for it in await gw.outbox.read("mqtt", 1000) if it.record["type"] == kind]
+
+
+async def test_acknowledge_a_latched_alarm_by_mqtt_command(tmp_path: Path) -> None:
+    gw = Gateway(config(tmp_path))
+    await gw.outbox.open()
+    ox = gw.sessions[0]
+    gw._emit(ox, Reading({"spo2": 85}), 100.0)
+    gw._emit(ox, Reading({"spo2": 97}), 101.0)  # condition gone, but the alarm latches
+    assert [r["transition"] for r in await records(gw, "alarm")] == ["raised"]
+
+    bad = command(gw, "3/command", id="c1", action="acknowledge", alarm_id="3/ox/nope", operator_role="nurse")
+    assert bad == {**bad, "ok": False, "id": "c1"} and "no active alarm" in bad["reason"]
+    wrong_room = command(gw, "4/command", id="c2", action="acknowledge", alarm_id="3/ox/spo2-low")
+    assert wrong_room["ok"] is False and "no room '4'" in wrong_room["reason"]
+    missing = command(gw, "3/command", id="c3", action="acknowledge")
+    assert missing["ok"] is False and "acknowledge needs alarm_id" in missing["reason"]
+
+    ok = command(gw, "3/command", id="c4", action="acknowledge", alarm_id="3/ox/spo2-low", operator_role="nurse")
+    assert ok["ok"] is True
+    alarms = await records(gw, "alarm")
+    assert [(r["transition"], r["role"]) for r in alarms] == [
+        ("raised", None),
+        ("acknowledged", "nurse"),
+        ("cleared", None),
+    ]
+    assert alarms[-1]["active"] is False
+    await gw.outbox.close()
+
+
+async def test_sessions_by_command_and_baseline_from_the_first_pressure(tmp_path: Path) -> None:
+    gw = Gateway(config(tmp_path))
+    await gw.outbox.open()
+    started = command(gw, "3/command", id="s1", action="start_session", operator_role="nurse")
+    assert started["ok"] is True and started["reason"].startswith("session 3-")
+    again = command(gw, "3/command", id="s2", action="start_session")
+    assert again["ok"] is False and "already has a session" in again["reason"]
+    gw._emit(gw.sessions[0], Reading({"nibp_systolic": 121, "nibp_diastolic": 79, "nibp_mean": 93}), 200.0)
+    assert command(gw, "3/command", id="s3", action="stop_session")["ok"] is True
+    sessions = await records(gw, "session")
+    assert [s["transition"] for s in sessions] == ["started", "baseline", "stopped"]
+    assert sessions[1]["baseline"] == {"nibp_systolic": 121, "nibp_diastolic": 79, "nibp_mean": 93}
+    assert sessions[0]["room"] == "3" and sessions[0]["device"] == "_room"
+    await gw.outbox.close()
