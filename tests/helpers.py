@@ -23,10 +23,12 @@ class PtyPair:
 
 
 def _describe(predicate: Callable[[], bool]) -> str:
+    code = getattr(predicate, "__code__", None)
+    where = f"{Path(code.co_filename).name}:{code.co_firstlineno}: " if code is not None else ""
     try:
-        return inspect.getsource(predicate).strip()
+        return where + inspect.getsource(predicate).strip()
     except (OSError, TypeError):
-        return repr(predicate)
+        return where + repr(predicate)
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> None:
@@ -39,7 +41,7 @@ async def wait_for(predicate: Callable[[], bool], timeout: float, interval: floa
 
 
 def read_exactly(fd: int, n: int, timeout: float = 5.0) -> bytes:
-    """Read n bytes from a (pty) fd, which hands them over in pieces; fail with what came after `timeout` s."""
+    """Read n bytes from a (pty) fd, which hands them over in pieces; fail with what came within `timeout`."""
     data = b""
     deadline = time.monotonic() + timeout
     while len(data) < n:

@@ -1,10 +1,14 @@
-"""The fixtures are real: a broker that routes messages, a database that stores points, a pty that passes bytes."""
+"""The fixtures are real: a broker routes messages, a database stores points, a pty passes every byte."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -12,6 +16,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 import serial
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.localservices import (
     Influxd,
@@ -36,7 +41,7 @@ class Client:
         self.got = threading.Event()
         self.subscribed = threading.Event()
         connected = threading.Event()
-        self.paho = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.paho = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         self.paho.on_connect = lambda _c, _u, _f, rc, _p: connected.set() if not rc.is_failure else None
         self.paho.on_subscribe = lambda *_: self.subscribed.set()
         self.paho.on_message = self._on_message
@@ -45,7 +50,7 @@ class Client:
         assert connected.wait(5), "no CONNACK from the broker"
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
-        self.messages.append((msg.topic, msg.payload))
+        self.messages.append((msg.topic, bytes(msg.payload)))
         self.got.set()
 
     def subscribe(self, topic: str) -> None:
@@ -97,13 +102,15 @@ def test_influxd_stores_a_line_protocol_write(influxd: Influxd, influx_db: str) 
     assert influxd.url == f"http://127.0.0.1:{influxd.port}"
     assert post_lines(influxd, influx_db, f'vitals,room=1 spo2=97i,pi=2.5,state="ok" {T0}\n') == 204
     series = influxd.query(influx_db, "SELECT spo2, pi, state FROM vitals WHERE room = '1'")
-    assert series == [{"name": "vitals", "columns": ["time", "spo2", "pi", "state"], "values": [[T0, 97, 2.5, "ok"]]}]
+    columns = ["time", "spo2", "pi", "state"]
+    assert series == [{"name": "vitals", "columns": columns, "values": [[T0, 97, 2.5, "ok"]]}]
     assert influxd.query(influx_db, "SELECT * FROM vitals WHERE room = '2'") == []
 
 
 def test_influxd_restart_keeps_the_data_and_the_port(influxd: Influxd, influx_db: str) -> None:
     port = influxd.port
-    assert post_lines(influxd, influx_db, f"vitals,room=1 spo2=97i {T0}\nvitals,room=1 spo2=96i {T0 + 1}") == 204
+    lines = f"vitals,room=1 spo2=97i {T0}\nvitals,room=1 spo2=96i {T0 + 1}"
+    assert post_lines(influxd, influx_db, lines) == 204
     influxd.restart()
     assert influxd.port == port
     assert influxd.query(influx_db, "SELECT spo2 FROM vitals")[0]["values"] == [[T0, 97], [T0 + 1, 96]]
@@ -147,7 +154,8 @@ def test_a_service_that_dies_while_starting_reports_its_log(tmp_path: Path) -> N
             broker.start()
         assert not broker.running
 
-        broker = Mosquitto(tmp_path / "chosen")  # a port we chose is chosen again if someone took it meanwhile
+        # A port we chose is chosen again if someone took it before the first start.
+        broker = Mosquitto(tmp_path / "chosen")
         with socket.socket() as thief:
             thief.bind(("127.0.0.1", broker.port))
             thief.listen()
@@ -164,3 +172,50 @@ def test_context_manager_starts_and_stops(tmp_path: Path) -> None:
         assert server.query("ctx", "SHOW MEASUREMENTS") == []
     assert not server.running
     server.stop()
+
+
+def test_a_service_that_never_answers_is_stopped_and_reports_its_log(tmp_path: Path) -> None:
+    class Mute(Mosquitto):
+        def _ready(self, timeout: float) -> bool:
+            return False
+
+    broker = Mute(tmp_path)
+    expected = r"(?s)did not answer on mqtt://.* within 0.5 s.*mosquitto version .* running"
+    with pytest.raises(ServiceUnavailable, match=expected):
+        broker.start(timeout=0.5)
+    assert not broker.running and not mqtt_handshake(broker.host, broker.port)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_services_die_with_their_parent(tmp_path: Path) -> None:
+    """A test run killed with SIGKILL must not leave brokers and databases behind (mosquitto as root too)."""
+    script = (
+        "import sys, time; from pathlib import Path; from gateway.localservices import Influxd, Mosquitto\n"
+        "m = Mosquitto(Path(sys.argv[1]) / 'm'); m.start(); i = Influxd(Path(sys.argv[1]) / 'i'); i.start()\n"
+        "print(m._proc.pid, i._proc.pid, flush=True); time.sleep(60)\n"
+    )
+    argv = [sys.executable, "-c", script, str(tmp_path)]
+    parent = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        assert parent.stdout is not None
+        pids = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(alive(pid) for pid in pids)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in pids), "orphaned services outlived their killed parent"
+    finally:
+        parent.kill()
+        parent.wait()
+        for pid in filter(alive, pids):  # do not leak them when the test fails
+            os.kill(pid, signal.SIGKILL)
