@@ -69,10 +69,13 @@ class DeviceSpec:
     serial: SerialSettings
     metrics: tuple[str, ...]
     frame_interval_s: float  # nominal time between records on the wire
+    # False for protocols with neither checksum nor a rich text structure (Nonin DF8): there, random bytes can
+    # form a plausible record, and only range and pattern checks stand between noise and a reading.
     stale_after_s: float  # silence longer than this means "no data"
     # Devices that send numerics faster than this are thinned by the gateway to the latest reading per interval;
     # None publishes every record (the 1-a-second devices, NIBP results).
     publish_interval_s: float | None = None
+    self_validating: bool = True
 
 
 # --- events --------------------------------------------------------------------------------------------------
@@ -192,6 +195,8 @@ class Driver(Protocol):
 
     def reset(self) -> None: ...
 
+    def flush(self) -> list[Event]: ...
+
 
 class MeasuringDriver(Driver, Protocol):
     """A device that measures on request (NIBP). The driver owns the measurement cycle; the gateway decides when."""
@@ -220,6 +225,14 @@ class FramedDriver(ABC):
 
     def outgoing(self, now: float) -> bytes:
         return b""
+
+    def flush(self) -> list[Event]:
+        """End of input (a capture file ends): what is left in the buffer is a truncated frame, said so."""
+        if not self._buf:
+            return []
+        left = bytes(self._buf)
+        self._buf.clear()
+        return [ProtocolError(ErrorKind.MALFORMED, f"input ended inside a frame ({len(left)} bytes)", left)]
 
     def feed(self, data: bytes, now: float) -> list[Event]:
         self._buf += data

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from devices import masimo_ascii1
+from devices import masimo_ascii1, nonin
 from devices.base import Model
 
-MODELS: dict[str, Model] = {m.spec.model: m for m in (masimo_ascii1.MODEL,)}
+MODELS: dict[str, Model] = {m.spec.model: m for m in (masimo_ascii1.MODEL, *nonin.MODELS)}
 
 
 class UnknownModelError(KeyError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import re
@@ -96,11 +97,11 @@ def cmd_decode(args: argparse.Namespace) -> int:
                 return 2
         else:
             chunks = _read_chunks(stream)
-        for chunk in chunks:
-            for event in driver.feed(chunk, time.time()):
-                out = event_to_dict(event)
-                counts[out["type"]] += 1
-                print(json.dumps(out))
+        events = (event for chunk in chunks for event in driver.feed(chunk, time.time()))
+        for event in itertools.chain(events, driver.flush()):
+            out = event_to_dict(event)
+            counts[out["type"]] += 1
+            print(json.dumps(out))
     print(
         f"decode: {counts['reading']} reading(s), {counts['status']} status change(s), "
         f"{counts['protocol_error']} protocol error(s)",

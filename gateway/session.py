@@ -55,6 +55,7 @@ class DeviceSession:
         self._wave_since = 0.0
         self._next_measurement: float | None = None
         self._port: SerialPort | None = None
+        self._device_status: DeviceStatus | None = None  # the driver's latest, to restore after no_data
 
     @property
     def key(self) -> str:
@@ -75,6 +76,7 @@ class DeviceSession:
                 async with SerialPort(self.cfg.port, self.spec.serial) as port:
                     backoff.reset()
                     self.driver.reset()
+                    self._device_status = None
                     self._status(DeviceStatus(DeviceState.CONNECTED, detail=f"port {self.cfg.port} open"))
                     if self.cfg.measure_every_s is not None and self._next_measurement is None:
                         self._next_measurement = self.clock() + 5.0  # a first measurement soon after start
@@ -110,13 +112,14 @@ class DeviceSession:
                     stale = True
                     silent = self.spec.stale_after_s
                     self._status(DeviceStatus(DeviceState.NO_DATA, detail=f"silent for {silent:g} s"))
-                    self.driver.reset()  # the next record re-announces the device's own status
                 continue
             now = self.clock()
             events = self.driver.feed(data, now)
             if any(not isinstance(e, ProtocolError) for e in events):
                 # Only decoded records count as data: a line spewing garbage is as good as silent.
                 self.last_data_at = now
+                if stale and self._device_status is not None:
+                    self._status(self._device_status)  # back from no_data: the device's own state again
                 stale = False
             self._handle(events, now)
 
@@ -141,6 +144,7 @@ class DeviceSession:
                         self.protocol_errors,
                     )
             elif isinstance(event, DeviceStatus):
+                self._device_status = event
                 self._status(event)
             elif isinstance(event, Waveform):
                 if self.cfg.waveform:
