@@ -15,6 +15,7 @@ from gateway.alarms import AlarmEngine, AlarmEvent, SessionEvent
 from gateway.commands import CommandRouter
 from gateway.config import Config
 from gateway.delivery import SinkWorker
+from gateway.health import HealthServer
 from gateway.outbox import Outbox
 from gateway.records import (
     alarm_record,
@@ -162,7 +163,14 @@ class Gateway:
                 "backlog_mqtt": backlog.get("mqtt", 0),
                 "backlog_influx": backlog.get("influx", 0),
                 "rejected": self.mqtt.rejected + self.influx.rejected,
+                "dropped": self.outbox.dropped,
             },
+            "links": {
+                "mqtt": "up" if self.mqtt.connected else "down",
+                "influx": "up" if self.influx.connected else "down",
+                **{s.key: str(s.state) if s.state else "starting" for s in self.sessions},
+            },
+            "state": "online" if self.mqtt.connected and self.influx.connected else "degraded",
         }
 
     async def _status_loop(self) -> None:
@@ -173,11 +181,21 @@ class Gateway:
                 sink.gateway_status = body
                 with contextlib.suppress(Exception):
                     await sink.publish_gateway_status()
-            await self.outbox.prune()
-            await asyncio.sleep(self.cfg.gateway.status_interval_s)
+            g = self.cfg.gateway
+            await self.outbox.prune(g.outbox_max_records, g.outbox_max_age_s)
+            await asyncio.sleep(g.status_interval_s)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.outbox.open()
+        health: HealthServer | None = None
+        if self.cfg.gateway.health_port is not None:
+            health = HealthServer(self.cfg.gateway.health_host, self.cfg.gateway.health_port, self.status)
+            try:
+                await health.start()
+                health.ready = True
+            except OSError as exc:  # a taken port must not stop the readings: say so loudly and go on
+                log.error("health endpoint not started on port %d: %s", self.cfg.gateway.health_port, exc)
+                health = None
         log.info(
             "gateway %s/%s started: %d device(s), outbox %s",
             self.cfg.gateway.site,
@@ -196,7 +214,11 @@ class Gateway:
         for task in done:
             if task is not stopper and task.exception() is not None:
                 log.error("task %s failed: %r", task.get_name(), task.exception())
+        if health is not None:
+            health.ready = False
         await self._shutdown(committer, workers, [*sessions, status, alarms, stopper])
+        if health is not None:
+            await health.stop()
 
     async def _shutdown(
         self,

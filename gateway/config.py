@@ -87,7 +87,11 @@ class GatewaySection(_Strict):
     live_window_s: Annotated[float, Field(gt=0, le=3600)] = 10.0  # older than this when sent = historical
     shutdown_timeout_s: Annotated[float, Field(ge=0, le=300)] = 5.0  # time to flush sinks on SIGTERM
     status_interval_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # retained gateway status refresh
-    outbox_max_records: Annotated[int, Field(ge=1000)] = 1_000_000  # "outbox filling" alarm is a fraction of it
+    # The outbox's bounds for long outages: past them the oldest undelivered readings go first (counted, alarmed).
+    outbox_max_records: Annotated[int, Field(ge=1000)] = 1_000_000
+    outbox_max_age_s: Annotated[float, Field(ge=3600)] = 7 * 86_400
+    health_host: str = "127.0.0.1"  # 0.0.0.0 in a container, so compose's healthcheck can reach it
+    health_port: Annotated[int, Field(ge=0, le=65535)] | None = 8321  # None: no health endpoint
 
 
 class MqttSection(_Strict):

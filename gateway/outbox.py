@@ -60,6 +60,7 @@ class Outbox:
         self._new: dict[str, asyncio.Event] = {s: asyncio.Event() for s in sinks}
         self._seq: dict[str, int] = {}
         self.committed = 0
+        self.dropped = 0  # undelivered readings deleted to keep within bounds
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -186,14 +187,30 @@ class Outbox:
         event.clear()
 
     async def read(self, sink: str, limit: int) -> list[Item]:
-        rows: list[tuple[int, str]] = await self._run(self._read_sync, sink, limit)
+        """The oldest records `sink` has not settled."""
+        return await self.read_range(await self.cursor(sink), None, limit)
+
+    async def read_range(self, after_id: int, before_id: int | None, limit: int) -> list[Item]:
+        """Records with after_id < id (< before_id), oldest first."""
+        rows: list[tuple[int, str]] = await self._run(self._read_range_sync, after_id, before_id, limit)
         return [Item(i, json.loads(body)) for i, body in rows]
 
-    def _read_sync(self, sink: str, limit: int) -> list[tuple[int, str]]:
+    def _read_range_sync(self, after_id: int, before_id: int | None, limit: int) -> list[tuple[int, str]]:
+        upper = before_id if before_id is not None else 2**62
         return self._conn.execute(
-            "SELECT id, body FROM records WHERE id > (SELECT last_id FROM cursors WHERE sink = ?) ORDER BY id LIMIT ?",
-            (sink, limit),
+            "SELECT id, body FROM records WHERE id > ? AND id < ? ORDER BY id LIMIT ?", (after_id, upper, limit)
         ).fetchall()
+
+    async def cursor(self, sink: str) -> int:
+        row = await self._run(
+            lambda: self._conn.execute("SELECT last_id FROM cursors WHERE sink = ?", (sink,)).fetchone()
+        )
+        return int(row[0])
+
+    async def head(self) -> int:
+        """The newest record's id (0 when empty)."""
+        row = await self._run(lambda: self._conn.execute("SELECT max(id) FROM records").fetchone())
+        return int(row[0] or 0)
 
     async def ack(self, sink: str, up_to_id: int) -> None:
         await self._run(self._ack_sync, sink, up_to_id)
@@ -201,11 +218,12 @@ class Outbox:
     def _ack_sync(self, sink: str, up_to_id: int) -> None:
         self._conn.execute("UPDATE cursors SET last_id = max(last_id, ?) WHERE sink = ?", (up_to_id, sink))
 
-    async def reject(self, sink: str, items: list[Item], reason: str) -> None:
-        """Poison: keep it aside with the reason and move on, so one bad record cannot block a sink forever."""
-        await self._run(self._reject_sync, sink, items, reason)
+    async def reject(self, sink: str, items: list[Item], reason: str, advance: bool = True) -> None:
+        """Poison: keep it aside with the reason and move on, so one bad record cannot block a sink forever.
+        `advance=False` when the records were sent ahead of the backlog (the cursor must not jump the gap)."""
+        await self._run(self._reject_sync, sink, items, reason, advance)
 
-    def _reject_sync(self, sink: str, items: list[Item], reason: str) -> None:
+    def _reject_sync(self, sink: str, items: list[Item], reason: str, advance: bool) -> None:
         db = self._conn
         now = time.time()
         db.execute("BEGIN IMMEDIATE")
@@ -213,7 +231,9 @@ class Outbox:
             "INSERT INTO rejected(sink, record_id, reason, at, body) VALUES (?, ?, ?, ?, ?)",
             [(sink, it.id, reason, now, json.dumps(it.record)) for it in items],
         )
-        db.execute("UPDATE cursors SET last_id = max(last_id, ?) WHERE sink = ?", (max(it.id for it in items), sink))
+        if advance:
+            last = max(it.id for it in items)
+            db.execute("UPDATE cursors SET last_id = max(last_id, ?) WHERE sink = ?", (last, sink))
         db.execute("COMMIT")
 
     async def backlog(self) -> dict[str, int]:
@@ -228,13 +248,36 @@ class Outbox:
         row = await self._run(lambda: self._conn.execute("SELECT count(*) FROM rejected").fetchone())
         return int(row[0])
 
-    async def prune(self) -> int:
-        """Delete records every sink has settled; the outbox holds only what is still owed."""
-        return int(await self._run(self._prune_sync))
+    async def prune(self, max_records: int | None = None, max_age_s: float | None = None) -> int:
+        """Delete records every sink has settled; the outbox holds only what is still owed.
 
-    def _prune_sync(self) -> int:
+        Past `max_records` or `max_age_s` (a long outage on a small disk), the oldest readings and waveforms go
+        first, counted in `dropped`: statuses, alarms and sessions are kept, they are few and they matter most.
+        Returns how many records were deleted in all.
+        """
+        settled, dropped = await self._run(self._prune_sync, max_records, max_age_s)
+        self.dropped += dropped
+        if dropped:
+            log.error("outbox over its bounds: dropped the %d oldest undelivered readings", dropped)
+        return int(settled + dropped)
+
+    def _prune_sync(self, max_records: int | None, max_age_s: float | None) -> tuple[int, int]:
+        db = self._conn
         marks = ",".join("?" * len(self.sinks))
-        cur = self._conn.execute(
+        settled = db.execute(
             f"DELETE FROM records WHERE id <= (SELECT min(last_id) FROM cursors WHERE sink IN ({marks}))", self.sinks
-        )
-        return cur.rowcount
+        ).rowcount
+        dropped = 0
+        if max_age_s is not None:
+            dropped += db.execute(
+                "DELETE FROM records WHERE type IN ('reading', 'waveform') AND created < ?", (time.time() - max_age_s,)
+            ).rowcount
+        if max_records is not None:
+            (count,) = db.execute("SELECT count(*) FROM records").fetchone()
+            if count > max_records:
+                dropped += db.execute(
+                    "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE type IN ('reading', 'waveform') "
+                    "ORDER BY id LIMIT ?)",
+                    (count - max_records,),
+                ).rowcount
+        return settled, dropped

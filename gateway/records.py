@@ -145,6 +145,7 @@ class GatewayCounters(BaseModel):
     backlog_mqtt: int = 0
     backlog_influx: int = 0
     rejected: int = 0
+    dropped: int = 0
 
 
 class GatewayStatusMessage(BaseModel):
@@ -153,11 +154,14 @@ class GatewayStatusMessage(BaseModel):
     type: Literal["gateway"] = "gateway"
     site: str
     gateway: str
-    state: Literal["online", "offline"]
+    state: Literal["online", "degraded", "offline"] = Field(
+        description="online: every link up; degraded: a sink is down and readings wait in the outbox"
+    )
     time: str
     version: str = ""
     devices: dict[str, str] = Field(default_factory=dict, description="room/device -> latest state")
     counters: GatewayCounters = Field(default_factory=GatewayCounters)
+    links: dict[str, str] = Field(default_factory=dict, description="mqtt, influx and each device: up/down/state")
 
 
 # --- builders used on the hot path --------------------------------------------------------------------------

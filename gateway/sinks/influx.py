@@ -38,6 +38,8 @@ def to_point(record: dict[str, Any]) -> Point | None:
             point.field(name, float(value))
         point.field("flags", ",".join(record["flags"]))
         point.field("valid", bool(record["valid"]))
+        if record.get("device_time"):
+            point.field("device_time", record["device_time"])
     elif kind == "status":
         point = Point("device_status")
         point.field("state", record["state"])

@@ -146,7 +146,7 @@ class MqttSink:
         client = self._client
         if client is None:
             return
-        body = {**self.gateway_status, "state": "online", "time": iso_utc(time.time())}
+        body = {"state": "online", **self.gateway_status, "time": iso_utc(time.time())}
         try:
             await client.publish(self.status_topic, json.dumps(body).encode(), qos=1, retain=True)
         except aiomqtt.MqttError as exc:

@@ -12,12 +12,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from devices.base import Reading
 from devices.registry import get_model
 from gateway.config import MqttSection
+from gateway.localservices import find_free_port
 from gateway.records import GatewayStatusMessage, ReadingMessage, StatusMessage
 from gateway.sinks.mqtt import subscribe
 from simulators.scenarios import load_scenario
@@ -27,7 +29,9 @@ from tests.helpers import wait_for
 N = 40
 
 
-def write_config(tmp_path: Path, mqtt_port: int, influx_url: str, db: str, port: Path, extra: str = "") -> Path:
+def write_config(
+    tmp_path: Path, mqtt_port: int, influx_url: str, db: str, port: Path, extra: str = "", health_port: int = 0
+) -> Path:
     path = tmp_path / "gateway.toml"
     path.write_text(
         f"""
@@ -36,6 +40,7 @@ site = "test-site"
 id = "gw-e2e"
 data_dir = "{tmp_path / "data"}"
 status_interval_s = 1
+health_port = {health_port or find_free_port()}
 
 [mqtt]
 host = "127.0.0.1"
@@ -76,7 +81,8 @@ async def test_every_simulated_reading_reaches_mqtt_and_influx(
     model = get_model("masimo-ascii1")
     link = tmp_path / "serial-by-id-room7"
     endpoint = PtyEndpoint(link=link)
-    config = write_config(tmp_path, mosquitto.port, influxd.url, influx_db, link)
+    health_port = find_free_port()
+    config = write_config(tmp_path, mosquitto.port, influxd.url, influx_db, link, health_port=health_port)
     collector = Collector()
     collecting = asyncio.create_task(collector.run(mosquitto.port))
     proc = subprocess.Popen(
@@ -122,6 +128,11 @@ async def test_every_simulated_reading_reaches_mqtt_and_influx(
         for r in readings:
             m = r["metrics"]
             assert by_seq[r["seq"]] == [m.get("spo2"), m.get("pulse_rate"), m.get("perfusion_index")]
+        with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/health", timeout=5) as resp:
+            health = json.loads(resp.read())
+        assert resp.status == 200 and health["state"] == "online"
+        assert health["counters"]["written"] >= N and health["links"]["7/oximeter"] == "ok"
+
         online = [m for _, m in collector.messages if m.get("type") == "gateway" and m.get("state") == "online"]
         assert online
         GatewayStatusMessage.model_validate(online[-1])
