@@ -268,6 +268,9 @@ class Mosquitto(_Service):
     """Debian's mosquitto 2.0: anonymous, no persistence, loopback only."""
 
     name = "mosquitto"
+    # Tests of at-least-once delivery across a broker restart set this before (re)starting: subscribers with
+    # clean_session=False then get what was queued for them while they and the broker were away.
+    persistence = False
     binary = "mosquitto"
     fallback = "/usr/sbin/mosquitto"
     package = "mosquitto"
@@ -285,8 +288,9 @@ class Mosquitto(_Service):
         conf.write_text(
             f"{run_as}listener {self.port} {self.host}\n"
             "allow_anonymous true\n"
-            "persistence false\n"
-            "set_tcp_nodelay true\n"
+            + (f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 1\n" if self.persistence
+               else "persistence false\n")
+            + "set_tcp_nodelay true\n"
             "max_queued_messages 100000\n"
             "log_dest stderr\n"
             "log_timestamp_format %Y-%m-%dT%H:%M:%S\n"

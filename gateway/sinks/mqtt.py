@@ -81,15 +81,19 @@ class MqttSink:
         self.gateway_status: dict[str, Any] = {}
         self.published = 0
 
-    def _offline(self) -> bytes:
-        body = {
+    def _gateway_body(self, state: str) -> dict[str, Any]:
+        return {
+            "state": state,
             **self.gateway_status,
             "v": 1,
             "type": "gateway",
             "site": self.site,
             "gateway": self.gateway_id,
+            "time": iso_utc(time.time()),
         }
-        return json.dumps({**body, "state": "offline"}).encode()
+
+    def _offline(self) -> bytes:
+        return json.dumps({**self._gateway_body("offline"), "state": "offline"}).encode()
 
     async def __aenter__(self) -> Self:
         will = aiomqtt.Will(self.status_topic, self._offline(), qos=1, retain=True)
@@ -146,7 +150,7 @@ class MqttSink:
         client = self._client
         if client is None:
             return
-        body = {"state": "online", **self.gateway_status, "time": iso_utc(time.time())}
+        body = self._gateway_body("online")
         try:
             await client.publish(self.status_topic, json.dumps(body).encode(), qos=1, retain=True)
         except aiomqtt.MqttError as exc:
