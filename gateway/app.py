@@ -12,6 +12,7 @@ from typing import Any
 
 from devices.base import DeviceStatus, Reading, Waveform
 from gateway.alarms import AlarmEngine, AlarmEvent, SessionEvent
+from gateway.backoff import Backoff
 from gateway.commands import CommandRouter
 from gateway.config import Config
 from gateway.delivery import SinkWorker
@@ -56,8 +57,15 @@ class Gateway:
             ),
             "mqtt",
             batch_size=500,
+            backoff=Backoff(0.5, cfg.mqtt.reconnect_max_s),
         )
-        self.influx = SinkWorker(self.outbox, lambda: InfluxSink(cfg.influx), "influx", cfg.influx.batch_size)
+        self.influx = SinkWorker(
+            self.outbox,
+            lambda: InfluxSink(cfg.influx),
+            "influx",
+            cfg.influx.batch_size,
+            backoff=Backoff(0.5, cfg.influx.reconnect_max_s),
+        )
         self.received = 0
         self.profile = cfg.alarms.build()
         if self.profile.example:

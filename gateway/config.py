@@ -102,7 +102,8 @@ class MqttSection(_Strict):
     tls: TlsConfig | None = None
     topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = "infusion"
     keepalive_s: Annotated[int, Field(ge=5, le=600)] = 30
-    reconnect_max_s: Annotated[float, Field(gt=0, le=300)] = 30.0
+    # Longest wait between reconnect attempts (jittered): short, because the wall is blind until the link is back.
+    reconnect_max_s: Annotated[float, Field(gt=0, le=300)] = 5.0
 
     @model_validator(mode="after")
     def _credentials(self) -> MqttSection:
@@ -128,6 +129,7 @@ class InfluxSection(_Strict):
     ca_file: Path | None = None
     batch_size: Annotated[int, Field(ge=1, le=50_000)] = 5000
     timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    reconnect_max_s: Annotated[float, Field(gt=0, le=300)] = 10.0  # longest wait between retries (jittered)
 
     @model_validator(mode="after")
     def _api_fields(self) -> InfluxSection:

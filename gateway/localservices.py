@@ -288,8 +288,11 @@ class Mosquitto(_Service):
         conf.write_text(
             f"{run_as}listener {self.port} {self.host}\n"
             "allow_anonymous true\n"
-            + (f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 1\n" if self.persistence
-               else "persistence false\n")
+            + (
+                f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 1\n"
+                if self.persistence
+                else "persistence false\n"
+            )
             + "set_tcp_nodelay true\n"
             "max_queued_messages 100000\n"
             "log_dest stderr\n"
