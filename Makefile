@@ -13,16 +13,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-# Debian's mosquitto and influxd, installed when missing. The tests start their own instances on free ports.
+# Debian's mosquitto and influxd (the tests start their own on free ports) and docker-compose (to validate the
+# compose file without an engine), installed when missing.
 services:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v influxd >/dev/null 2>&1 || [ -x /usr/bin/influxd ] || missing="$$missing influxdb"; \
+	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
 	  elif sudo -n true 2>/dev/null; then SUDO="sudo"; \
-	  else echo "error: mosquitto/influxd missing and no root. Run: sudo apt-get update && sudo apt-get install -y$$missing" >&2; exit 1; fi; \
+	  else echo "error: test services missing and no root. Run: sudo apt-get update && sudo apt-get install -y$$missing" >&2; exit 1; fi; \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing >/dev/null || \
 	  { echo "error: apt-get install$$missing failed" >&2; exit 1; }; \

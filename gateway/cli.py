@@ -145,6 +145,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulators.serve import serve
 
     if args.room:
+        if args.no_pty and args.tcp_base is None:
+            print("simulate: --no-pty needs --tcp-base", file=sys.stderr)
+            return 2
         return _simulate_rooms(args)
     if args.model is None:
         print("simulate: give --model MODEL (one device) or --room N (a whole room)", file=sys.stderr)
@@ -208,6 +211,9 @@ def _simulate_rooms(args: argparse.Namespace) -> int:
                         duration_s=args.duration,
                         seed=args.seed + 100 * i,
                         on_ready=lambda line: print(line, file=sys.stderr, flush=True),
+                        pty=not args.no_pty,
+                        tcp_port_base=None if args.tcp_base is None else args.tcp_base + 10 * i,
+                        tcp_host=args.tcp_host,
                     )
                 )
 
@@ -311,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="serve a whole room (oximeter and cuff) on ptys; repeat for more rooms",
     )
+    sim.add_argument(
+        "--tcp-base",
+        type=int,
+        metavar="PORT",
+        help="with --room: also serve device j of the i-th room on TCP port PORT + 10*i + j",
+    )
+    sim.add_argument("--no-pty", action="store_true", help="with --room --tcp-base: TCP only")
+    sim.add_argument("--tcp-host", default="127.0.0.1", help="address TCP serving binds (0.0.0.0 in a container)")
     sim.add_argument(
         "--link-dir",
         type=Path,

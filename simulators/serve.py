@@ -500,6 +500,7 @@ async def _serve_sim(
     stdout: bool,
     duration_s: float | None,
     ready: Callable[[str], None],
+    tcp_host: str = "127.0.0.1",
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
         writers: list[Write] = []
@@ -510,7 +511,7 @@ async def _serve_sim(
             writers.append(slot.write)
             sim.on_unplug = slot.unplug
         if tcp_port is not None:
-            tcp = await stack.enter_async_context(TcpEndpoint(port=tcp_port, on_receive=sim.receive))
+            tcp = await stack.enter_async_context(TcpEndpoint(port=tcp_port, host=tcp_host, on_receive=sim.receive))
             writers.append(tcp.write)
             ready(f"{label} on {tcp.url}")
         if stdout:
@@ -606,9 +607,13 @@ async def serve_room(
     duration_s: float | None = None,
     seed: int = 1,
     on_ready: Callable[[str], None] | None = None,
+    pty: bool = True,
+    tcp_port_base: int | None = None,
+    tcp_host: str = "127.0.0.1",
 ) -> list[DeviceSimulator]:
-    """A whole room at once: every device on its own pty, linked as `link_dir/room-<room>/<name>`, all following
-    the same scenario (the oximeter takes its SpO2 from it, the cuff its pressures)."""
+    """A whole room at once: every device on its own pty, linked as `link_dir/room-<room>/<name>`, and/or on TCP
+    port `tcp_port_base + i` (device i of the room: for gateways in another container, where ptys cannot reach),
+    all following the same scenario (the oximeter takes its SpO2 from it, the cuff its pressures)."""
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
     folder = link_dir / f"room-{room}"
@@ -617,14 +622,15 @@ async def serve_room(
 
     async def all_devices() -> None:
         async with asyncio.TaskGroup() as group:
-            for device, sim in zip(devices, sims, strict=True):
+            for i, (device, sim) in enumerate(zip(devices, sims, strict=True)):
                 group.create_task(
                     _serve_sim(
                         sim,
                         f"room {room} {device.name} ({device.model_id})",
-                        pty=True,
-                        link=folder / device.name,
-                        tcp_port=None,
+                        pty=pty,
+                        link=folder / device.name if pty else None,
+                        tcp_port=None if tcp_port_base is None else tcp_port_base + i,
+                        tcp_host=tcp_host,
                         stdout=False,
                         duration_s=duration_s,
                         ready=on_ready or (lambda _line: None),
