@@ -105,7 +105,7 @@ async def test_every_simulated_reading_reaches_mqtt_and_influx(
         expected = [e for e in model.driver().feed(b"".join(written), 0.0) if isinstance(e, Reading)]
         assert len(expected) == N
 
-        await wait_for(lambda: len(collector.of_type("reading")) >= N, 20)
+        await wait_for(lambda: len(collector.of_type("reading")) >= N, 60)
         readings = collector.of_type("reading")
         assert len(readings) == N  # exactly once here: nothing was redelivered on a healthy link
         assert [r["metrics"] for r in readings] == [dict(e.metrics) for e in expected]
@@ -122,7 +122,7 @@ async def test_every_simulated_reading_reaches_mqtt_and_influx(
             rows = influxd.query(influx_db, 'SELECT count("seq") FROM "vitals"')
             return int(rows[0]["values"][0][1]) if rows else 0
 
-        await wait_for(lambda: stored() == N, 20)
+        await wait_for(lambda: stored() == N, 60)
         rows = influxd.query(influx_db, 'SELECT "spo2", "pulse_rate", "perfusion_index", "seq" FROM "vitals"')
         by_seq = {int(v[4]): v[1:4] for v in rows[0]["values"]}
         for r in readings:
