@@ -93,6 +93,14 @@ class Rig:
                 self.gateway.kill()
         self.gateway = None
 
+    @property
+    def pids(self) -> dict[str, int]:
+        return {
+            "gateway": self.gateway.pid if self.gateway else 0,
+            "influxd": self.influx.pid,
+            "mosquitto": self.broker.pid,
+        }
+
     def count(self, query: str) -> int:
         rows = self.influx.query(self.database, query)
         return int(rows[0]["values"][0][1]) if rows else 0

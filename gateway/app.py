@@ -65,6 +65,7 @@ class Gateway:
             "influx",
             cfg.influx.batch_size,
             backoff=Backoff(0.5, cfg.influx.reconnect_max_s),
+            linger_s=cfg.influx.flush_interval_s,
         )
         self.received = 0
         self.profile = cfg.alarms.build()

@@ -130,6 +130,7 @@ class InfluxSection(_Strict):
     batch_size: Annotated[int, Field(ge=1, le=50_000)] = 5000
     timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
     reconnect_max_s: Annotated[float, Field(gt=0, le=300)] = 10.0  # longest wait between retries (jittered)
+    flush_interval_s: Annotated[float, Field(ge=0, le=60)] = 1.0  # batch writes: at most one request this often
 
     @model_validator(mode="after")
     def _api_fields(self) -> InfluxSection:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from gateway.backoff import Backoff
@@ -24,7 +25,10 @@ class SinkWorker:
         name: str,
         batch_size: int = 1000,
         backoff: Backoff | None = None,
+        linger_s: float = 0.0,
     ) -> None:
+        self.linger_s = linger_s  # InfluxDB: gather up to this long for a fuller batch (MQTT: 0, live first)
+        self._last_write = 0.0
         self.outbox = outbox
         self.factory = factory
         self.name = name
@@ -71,6 +75,11 @@ class SinkWorker:
                 if not items:
                     await self.outbox.wait_new(self.name, max_wait_s=5.0)
                     continue
+                wait = self._last_write + self.linger_s - time.monotonic()
+                if len(items) < self.batch_size and wait > 0:
+                    await asyncio.sleep(wait)
+                    items = await self.outbox.read(self.name, self.batch_size)
+                self._last_write = time.monotonic()
                 await self._settle(sink, items)
                 continue
             live = await self.outbox.read_range(live_sent, None, self.batch_size)

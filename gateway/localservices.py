@@ -161,6 +161,13 @@ class _Service:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int:
+        """The process id while running (benchmarks read its CPU time and memory from /proc)."""
+        if self._proc is None:
+            raise RuntimeError(f"{self.name} is not running")
+        return self._proc.pid
+
     def _write_config(self) -> list[str]:
         """Write the config file; return the arguments after the binary."""
         raise NotImplementedError

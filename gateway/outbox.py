@@ -66,6 +66,7 @@ class Outbox:
         # here instead of reading back from SQLite (three thread hops fewer on the live path).
         self._recent: collections.deque[Item] = collections.deque(maxlen=RECENT)
         self._cursors: dict[str, int] = {}
+        self._dirty: dict[str, int] = {}  # acknowledged in memory, not yet written
         self._head = 0
         self.committed = 0
         self.dropped = 0  # undelivered readings deleted to keep within bounds
@@ -151,11 +152,15 @@ class Outbox:
 
     async def flush(self) -> None:
         if not self._pending:
+            if self._dirty:
+                cursors, self._dirty = self._dirty, {}
+                await self._run(self._cursors_sync, cursors)
             return
         batch, self._pending = self._pending, []
         done, self._pending_done = self._pending_done, []
+        cursors, self._dirty = self._dirty, {}
         try:
-            last = await self._run(self._commit_sync, batch)
+            last = await self._run(self._commit_sync, batch, cursors)
         except Exception as exc:
             for fut in done:
                 if not fut.done():
@@ -171,7 +176,10 @@ class Outbox:
         for event in self._new.values():
             event.set()
 
-    def _commit_sync(self, batch: list[tuple[str, int, dict[str, Any]]]) -> int:
+    def _cursors_sync(self, cursors: dict[str, int]) -> None:
+        self._save_cursors(self._conn, cursors)
+
+    def _commit_sync(self, batch: list[tuple[str, int, dict[str, Any]]], cursors: dict[str, int]) -> int:
         """One transaction; returns the last id (ids within it are consecutive: one writer, AUTOINCREMENT)."""
         db = self._conn
         now = time.time()
@@ -189,6 +197,7 @@ class Outbox:
                 "ON CONFLICT(key) DO UPDATE SET seq = max(seq, excluded.seq)",
                 list(last.items()),
             )
+            self._save_cursors(db, cursors)
             (last_id,) = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
             db.execute("COMMIT")
         except BaseException:
@@ -234,11 +243,17 @@ class Outbox:
         return self._head
 
     async def ack(self, sink: str, up_to_id: int) -> None:
-        self._cursors[sink] = max(self._cursors[sink], up_to_id)
-        await self._run(self._ack_sync, sink, up_to_id)
+        """Settle up to `up_to_id`. Written to disk with the next commit (or prune, or close), not on its own:
+        a crash in between only sends those records again, which at-least-once delivery allows."""
+        if up_to_id > self._cursors[sink]:
+            self._cursors[sink] = up_to_id
+            self._dirty[sink] = up_to_id
+            self._wake.set()  # let the committer write it soon even when no record is coming
 
-    def _ack_sync(self, sink: str, up_to_id: int) -> None:
-        self._conn.execute("UPDATE cursors SET last_id = max(last_id, ?) WHERE sink = ?", (up_to_id, sink))
+    def _save_cursors(self, db: sqlite3.Connection, cursors: dict[str, int]) -> None:
+        db.executemany(
+            "UPDATE cursors SET last_id = max(last_id, ?) WHERE sink = ?", [(v, k) for k, v in cursors.items()]
+        )
 
     async def reject(self, sink: str, items: list[Item], reason: str, advance: bool = True) -> None:
         """Poison: keep it aside with the reason and move on, so one bad record cannot block a sink forever.
@@ -261,12 +276,13 @@ class Outbox:
         db.execute("COMMIT")
 
     async def backlog(self) -> dict[str, int]:
-        return dict(await self._run(self._backlog_sync))
+        """Records each sink still owes."""
+        owed: dict[str, int] = await self._run(self._backlog_sync, dict(self._cursors))
+        return owed
 
-    def _backlog_sync(self) -> list[tuple[str, int]]:
-        return self._conn.execute(
-            "SELECT c.sink, (SELECT count(*) FROM records r WHERE r.id > c.last_id) FROM cursors c"
-        ).fetchall()
+    def _backlog_sync(self, cursors: dict[str, int]) -> dict[str, int]:
+        query = "SELECT count(*) FROM records WHERE id > ?"
+        return {sink: int(self._conn.execute(query, (last,)).fetchone()[0]) for sink, last in cursors.items()}
 
     async def rejected_count(self) -> int:
         row = await self._run(lambda: self._conn.execute("SELECT count(*) FROM rejected").fetchone())
@@ -279,6 +295,7 @@ class Outbox:
         first, counted in `dropped`: statuses, alarms and sessions are kept, they are few and they matter most.
         Returns how many records were deleted in all.
         """
+        await self.flush()  # cursors first: prune deletes what every sink has settled on disk
         settled, dropped = await self._run(self._prune_sync, max_records, max_age_s)
         self.dropped += dropped
         if dropped:
