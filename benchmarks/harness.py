@@ -54,6 +54,7 @@ class Rig:
             'id = "bench-gw"',
             f'data_dir = "{self.workdir / "gateway"}"',
             'log_level = "WARNING"',
+            "health_port = 0",
             "[mqtt]",
             'host = "127.0.0.1"',
             f"port = {self.broker.port}",

@@ -31,7 +31,10 @@ def rss_mb(pid: int) -> tuple[float, float]:
 
 
 async def measure(
-    workdir: Path, devices: list[tuple[str, str, str]], warmup_s: float = 8, window_s: float = 30
+    workdir: Path,
+    devices: list[tuple[str, str, str]],
+    warmup_s: float = 8,
+    window_s: float = 30,
 ) -> dict[str, Any]:
     """devices: (room, name, model). Masimo devices get one line a second each, spread over the second."""
     masimo = get_model("masimo-ascii1")
@@ -79,17 +82,21 @@ async def measure(
             mq_cpu = cpu_seconds(r.broker.pid) - marks["mq0"]
             peak = rss_mb(gw.pid)[1]
             window = t1 - marks["t0"]
-            on_mqtt = lambda: sum(1 for _, t, _m in got if t.endswith("/reading"))  # noqa: E731
+
+            def on_mqtt() -> int:
+                return sum(1 for _, t, _m in got if t.endswith("/reading"))
+
             await wait_until(lambda: on_mqtt() >= sent, 60)
             await wait_until(lambda: r.count('SELECT count("seq") FROM "vitals"') >= sent, 60)
             stored = r.count('SELECT count("seq") FROM "vitals"')
+            mqtt_count = on_mqtt()
     rss = marks["rss"]
     return {
         "devices": n,
         "lines_sent": sent,
-        "on_mqtt": on_mqtt(),
+        "on_mqtt": mqtt_count,
         "in_influx": stored,
-        "all_counted": on_mqtt() >= sent and stored == sent,
+        "all_counted": mqtt_count >= sent and stored == sent,
         "gateway_cpu_pct": round(100 * gw_cpu / window, 1),
         "gateway_rss_mb_steady": round(sum(rss) / len(rss), 1),
         "gateway_rss_mb_peak": round(peak, 1),

@@ -13,7 +13,17 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from devices.base import DeviceSpec, DeviceState, DeviceStatus, Driver, Event, ProtocolError, Reading, Waveform
+from devices.base import (
+    DeviceSpec,
+    DeviceState,
+    DeviceStatus,
+    Driver,
+    Event,
+    FramedDriver,
+    ProtocolError,
+    Reading,
+    Waveform,
+)
 from devices.registry import get_model
 from gateway.backoff import Backoff
 from gateway.config import DeviceConfig
@@ -56,6 +66,8 @@ class DeviceSession:
         self._next_measurement: float | None = None
         self._port: SerialPort | None = None
         self._device_status: DeviceStatus | None = None  # the driver's latest, to restore after no_data
+        # Drivers that never send (output-only devices) need no polling for outgoing commands.
+        self._sends = getattr(type(self.driver), "outgoing", None) is not FramedDriver.outgoing
 
     @property
     def key(self) -> str:
@@ -124,10 +136,15 @@ class DeviceSession:
             self._handle(events, now)
 
     def _wait_s(self, now: float, stale: bool) -> float:
-        if stale:
-            return 0.2
-        start = self.last_data_at if self.last_data_at is not None else now
-        return max(0.05, min(0.2, start + self.spec.stale_after_s - now))
+        """How long a read may wait: until the device would be stale, or 0.2 s when something is due sooner
+        (commands to send, a held reading or waveform, a measurement). An output-only device that talks once a
+        second is not woken in between: at 200 devices that is most of the gateway's CPU."""
+        wait = 1.0 if stale else (self.last_data_at or now) + self.spec.stale_after_s - now
+        if self._sends or self._held is not None or self._wave:
+            wait = min(wait, 0.2)
+        if self._next_measurement is not None:
+            wait = min(wait, self._next_measurement - now)
+        return max(0.05, wait)
 
     def _handle(self, events: list[Event], now: float) -> None:
         for event in events:
