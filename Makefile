@@ -43,6 +43,10 @@ test: $(STAMP) services lint typecheck
 demo: $(STAMP) services
 	$(BIN)/infusion-telemetry demo
 
+# Figures, not tests: about 8 minutes on the 2-core reference machine (docs/benchmarks.md).
+bench: $(STAMP) services
+	$(BIN)/python -m benchmarks
+
 schema: $(STAMP)
 	$(BIN)/infusion-telemetry schema > docs/mqtt-schema.json
 

@@ -56,7 +56,7 @@ class Gateway:
                 cfg.mqtt, g.site, g.id, g.live_window_s, on_command=self._command, commands=self.router.subscriptions
             ),
             "mqtt",
-            batch_size=500,
+            batch_size=100,  # small: while a backlog drains, live records wait for at most one batch
             backoff=Backoff(0.5, cfg.mqtt.reconnect_max_s),
         )
         self.influx = SinkWorker(

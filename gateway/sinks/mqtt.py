@@ -24,6 +24,9 @@ from gateway.sinks import ACCEPTED, SinkUnavailable, WriteResult
 
 log = logging.getLogger(__name__)
 CommandHandler = Callable[[str, bytes], bytes]  # (topic, payload) -> reply payload
+# aiomqtt warns on every publish beyond 10 in flight, which a backlog batch always is: keep its errors only.
+_client_log = logging.getLogger("gateway.sinks.mqtt.client")
+_client_log.setLevel(logging.ERROR)
 
 
 def _tls_context(cfg: MqttSection) -> ssl.SSLContext | None:
@@ -51,6 +54,7 @@ def make_client(cfg: MqttSection, identifier: str, will: aiomqtt.Will | None = N
         tls_context=_tls_context(cfg),
         timeout=10,
         max_queued_outgoing_messages=10_000,
+        logger=_client_log,
     )
 
 

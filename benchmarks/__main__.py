@@ -1,0 +1,97 @@
+"""`make bench`: every benchmark in one run on this machine; prints a table and writes benchmarks/results/*.json.
+
+Figures, not tests: nothing here passes or fails. Each gateway figure is set against the raw limit measured in the
+same run and against the peer (a Node-RED flow, figures from issue 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import decode, drain, latency, limits, load
+from devices.registry import MODELS
+
+PEER = {  # Node-RED flow: gateway CPU % of a core, steady RSS MB (issue 7)
+    10: (3.8, 98),
+    50: (13, 109),
+    100: (21, 140),
+    200: (33, 145),
+}
+
+
+def _tmp() -> Path:
+    return Path(tempfile.mkdtemp(prefix="bench-"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="shorter windows (a smoke run, not figures to publish)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    window = 10 if args.quick else 30
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": len(__import__("os").sched_getaffinity(0)),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    print("decode throughput")
+    results["decode"] = decode.run()
+    for row in results["decode"]:
+        print(f"  {row['model']:20} {row['frames_per_s']:>9} frames/s {row['mb_per_s']:>6} MB/s")
+
+    print("raw limits")
+    results["limits"] = lim = asyncio.run(limits.measure(_tmp()))
+    for key, value in lim.items():
+        print(f"  {key:40} {value:>10}")
+
+    print("gateway under load (Masimo ASCII 1, 1 line/s each)")
+    results["load"] = []
+    for n in (10, 50, 100, 200):
+        row = asyncio.run(load.measure(_tmp(), [(str(i), "oximeter", "masimo-ascii1") for i in range(n)], 5, window))
+        peer_cpu, peer_rss = PEER[n]
+        row["cpu_vs_peer"] = round(row["gateway_cpu_pct"] / peer_cpu, 2)
+        row["rss_vs_peer"] = round(row["gateway_rss_mb_steady"] / peer_rss, 2)
+        row["mqtt_share_of_limit"] = round(n / lim["mqtt_qos1_sequential_per_s"], 4)
+        results["load"].append(row)
+        print(
+            f"  N={n:3}: gateway {row['gateway_cpu_pct']:5}% CPU ({row['cpu_vs_peer']}x peer), "
+            f"RSS {row['gateway_rss_mb_steady']} MB steady / {row['gateway_rss_mb_peak']} peak "
+            f"({row['rss_vs_peer']}x peer), "
+            f"influxd {row['influxd_cpu_pct']}%, mosquitto {row['mosquitto_cpu_pct']}%, "
+            f"counted {row['on_mqtt']}/{row['lines_sent']} MQTT {row['in_influx']}/{row['lines_sent']} InfluxDB"
+        )
+    mixed = [m for m in ("nonin-df2", "nonin-df8", "contec-cms50", "suntech-advantage") if m in MODELS]
+    results["mixed_rooms_models"] = mixed
+    print("latency: pty write of the frame's last byte -> MQTT subscriber (durable first)")
+    results["latency"] = []
+    for n in (10, 100):
+        row = asyncio.run(latency.measure(_tmp(), n, window))
+        results["latency"].append(row)
+        print(f"  N={n:3}: reading {row['reading']}  alarm {row['alarm']}")
+    print("backlog drain (50,000 readings owed, 10 live devices)")
+    results["drain"] = row = asyncio.run(drain.measure(_tmp(), 50_000, 10))
+    influx_share = round(row["influx_readings_per_s"] / lim["influx_points_per_s_batched_5000"], 3)
+    print(
+        f"  InfluxDB {row['influx_readings_per_s']} readings/s ({influx_share} of the raw batched limit), "
+        f"MQTT {row['mqtt_readings_per_s']} readings/s "
+        f"({round(row['mqtt_readings_per_s'] / lim['mqtt_qos1_100_in_flight_per_s'], 3)} of the raw limit), "
+        f"live meanwhile {row['live_during_drain']}"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"bench-{results['started'].replace(':', '')}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
