@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from devices.base import Emulator, Model, Sample
-from devices.registry import get_model
+from devices.registry import MODELS, get_model
 from simulators.scenarios import Scenario, load_scenario
 
 Write = Callable[[bytes], None]
@@ -594,7 +594,11 @@ class RoomDevice:
     model_id: str
 
 
-DEFAULT_ROOM = (RoomDevice("oximeter", "masimo-ascii1"), RoomDevice("cuff", "suntech-advantage"))
+DEFAULT_ROOM = tuple(
+    d
+    for d in (RoomDevice("oximeter", "masimo-ascii1"), RoomDevice("cuff", "suntech-advantage"))
+    if d.model_id in MODELS  # the cuff joins the room once its driver is registered
+)
 
 
 async def serve_room(
