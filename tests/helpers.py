@@ -6,6 +6,9 @@ import asyncio
 import inspect
 import os
 import select
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,3 +53,25 @@ def read_exactly(fd: int, n: int, timeout: float = 5.0) -> bytes:
             raise AssertionError(f"read {len(data)} of {n} bytes within {timeout:g} s: {data[-64:]!r}")
         data += os.read(fd, n - len(data))
     return data
+
+
+def start_gateway(config: Path, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """The real CLI, as clinic IT runs it: `python -m gateway run --config FILE`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+        stdout=subprocess.PIPE if log is None else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if log is None else log.open("ab"),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def stop_gateway(proc: subprocess.Popen[bytes], timeout: float = 20) -> str:
+    """SIGTERM, as systemd and docker stop it; returns what it printed (when its output was piped)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out = proc.communicate()[0]
+    return (out or b"").decode(errors="replace")

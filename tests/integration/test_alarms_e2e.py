@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +16,7 @@ from gateway.config import MqttSection
 from gateway.records import AlarmMessage
 from gateway.sinks.mqtt import subscribe
 from simulators.serve import serve
-from tests.helpers import wait_for
+from tests.helpers import start_gateway, stop_gateway, wait_for
 from tests.integration.test_gateway_e2e import write_config
 
 SCENARIO = """
@@ -95,12 +91,7 @@ async def test_desaturation_probe_off_and_unplug_raise_and_clear_alarms(
     collecting = asyncio.create_task(collect())
     simulating = asyncio.create_task(serve("masimo-ascii1", scenario, pty=True, link=link, speed=3.0, duration_s=60))
     await wait_for(lambda: link.exists(), 5)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = start_gateway(config)
     try:
 
         def transitions(rule: str) -> list[str]:
@@ -132,12 +123,7 @@ async def test_desaturation_probe_off_and_unplug_raise_and_clear_alarms(
         for rule in ("spo2-low", "sensor", "device_disconnected"):
             assert (rule, "raised") in in_db and (rule, "cleared") in in_db
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            output = proc.communicate(timeout=15)[0].decode()
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output = proc.communicate()[0].decode()
+        output = stop_gateway(proc)
         simulating.cancel()
         collecting.cancel()
         await asyncio.gather(simulating, collecting, return_exceptions=True)

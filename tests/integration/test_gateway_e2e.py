@@ -24,7 +24,7 @@ from gateway.records import GatewayStatusMessage, ReadingMessage, StatusMessage
 from gateway.sinks.mqtt import subscribe
 from simulators.scenarios import load_scenario
 from simulators.serve import DeviceSimulator, PtyEndpoint
-from tests.helpers import wait_for
+from tests.helpers import start_gateway, stop_gateway, wait_for
 
 N = 40
 
@@ -85,12 +85,7 @@ async def test_every_simulated_reading_reaches_mqtt_and_influx(
     config = write_config(tmp_path, mosquitto.port, influxd.url, influx_db, link, health_port=health_port)
     collector = Collector()
     collecting = asyncio.create_task(collector.run(mosquitto.port))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = start_gateway(config)
     try:
         await wait_for(lambda: any(m.get("state") == "connected" for m in collector.of_type("status")), 20)
 
@@ -183,12 +178,7 @@ async def test_every_simulated_reading_reaches_mqtt_and_influx(
         assert unknown.returncode == 1 and "no active alarm" in unknown.stdout
         assert cli("session", "stop", "--room", "7").returncode == 0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            output = proc.communicate(timeout=15)[0].decode()
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output = proc.communicate()[0].decode()
+        output = stop_gateway(proc)
         endpoint.close()
     assert proc.returncode == 0, output
     await wait_for(

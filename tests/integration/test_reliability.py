@@ -14,11 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -30,7 +27,7 @@ from devices.base import Sample
 from devices.registry import get_model
 from gateway.localservices import Influxd, Mosquitto
 from simulators.serve import PtyEndpoint
-from tests.helpers import wait_for
+from tests.helpers import start_gateway, stop_gateway, wait_for
 from tests.integration.test_gateway_e2e import write_config
 
 MASIMO = get_model("masimo-ascii1")
@@ -102,23 +99,8 @@ def stored(influxd: Influxd, db: str) -> list[tuple[str, int]]:
     return [(r[1], int(r[2])) for r in rows[0]["values"]] if rows else []
 
 
-def start_gateway(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=(config.parent / "gateway.log").open("ab"),
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
-def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def start_gateway_logged(config: Path) -> subprocess.Popen[bytes]:
+    return start_gateway(config, log=config.parent / "gateway.log")
 
 
 async def wait_connected(mqtt: Mqtt, times: int) -> None:
@@ -150,7 +132,7 @@ async def test_broker_outage_of_20_s(tmp_path: Path, mosquitto: Mosquitto, influ
     mosquitto.restart()
     device = Device(tmp_path / "room7")
     mqtt = Mqtt(mosquitto.port)
-    proc = start_gateway(write_config(tmp_path, mosquitto.port, influxd.url, influx_db, device.link))
+    proc = start_gateway_logged(write_config(tmp_path, mosquitto.port, influxd.url, influx_db, device.link))
     try:
         await wait_connected(mqtt, 1)
         await device.send(3)
@@ -174,7 +156,7 @@ async def test_broker_outage_of_20_s(tmp_path: Path, mosquitto: Mosquitto, influ
 async def test_influxd_outage_of_60_s(tmp_path: Path, mosquitto: Mosquitto, influxd: Influxd, influx_db: str) -> None:
     device = Device(tmp_path / "room7")
     mqtt = Mqtt(mosquitto.port)
-    proc = start_gateway(write_config(tmp_path, mosquitto.port, influxd.url, influx_db, device.link))
+    proc = start_gateway_logged(write_config(tmp_path, mosquitto.port, influxd.url, influx_db, device.link))
     try:
         await wait_connected(mqtt, 1)
         await device.send(3)
@@ -198,7 +180,7 @@ async def test_sigkill_with_a_backlog_then_restart(
     device = Device(tmp_path / "room7")
     mqtt = Mqtt(mosquitto.port)
     config = write_config(tmp_path, mosquitto.port, influxd.url, influx_db, device.link)
-    proc = start_gateway(config)
+    proc = start_gateway_logged(config)
     try:
         await wait_connected(mqtt, 1)
         influxd.stop()  # a backlog for InfluxDB builds up in the outbox
@@ -212,7 +194,7 @@ async def test_sigkill_with_a_backlog_then_restart(
             ).fetchone()[0]
         assert owed == len(device.sent), "every reading was durable in the outbox at the kill"
         influxd.start()
-        proc = start_gateway(config)
+        proc = start_gateway_logged(config)
         await wait_connected(mqtt, 2)
         await device.send(3)
         await assert_every_reading_delivered(device, mqtt, influxd, influx_db)
@@ -229,7 +211,7 @@ async def test_pty_replaced_at_the_same_path(
 ) -> None:
     device = Device(tmp_path / "room7")
     mqtt = Mqtt(mosquitto.port)
-    proc = start_gateway(write_config(tmp_path, mosquitto.port, influxd.url, influx_db, device.link))
+    proc = start_gateway_logged(write_config(tmp_path, mosquitto.port, influxd.url, influx_db, device.link))
     try:
         await wait_connected(mqtt, 1)
         await device.send(3)
