@@ -77,3 +77,19 @@ async def test_corrupt_database_is_moved_aside_not_a_crash_loop(tmp_path: Path) 
     await box.close()
     aside = list(tmp_path.glob("o.db.corrupt-*"))
     assert aside and aside[0].read_bytes().startswith(b"this is not an SQLite")
+
+
+async def test_over_its_bounds_the_oldest_readings_go_first_and_are_counted(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", sinks=("mqtt", "influx"))
+    await box.open()
+    box.put("1/ox", box.next_seq("1/ox"), {"type": "status", "seq": 1, "state": "ok"})
+    for i in range(2, 1502):
+        box.put("1/ox", box.next_seq("1/ox"), _record(i))
+    await box.flush()
+    deleted = await box.prune(max_records=1000)
+    assert deleted == 501 and box.dropped == 501
+    kept = await box.read_range(0, None, 2000)
+    assert len(kept) == 1000
+    assert kept[0].record["type"] == "status"  # statuses (and alarms) are kept; readings go first
+    assert [it.record["seq"] for it in kept[1:3]] == [503, 504]  # the oldest readings went
+    await box.close()
