@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -275,6 +276,19 @@ def cmd_ack(args: argparse.Namespace) -> int:
     return _room_command(args, action=action, alarm_id=args.alarm, operator_role=args.role, silence_s=args.silence)
 
 
+def cmd_dashboards(args: argparse.Namespace) -> int:
+    from dashboards.build import GENERATED_DIR
+    from dashboards.push import main_build, main_push
+
+    if args.action == "build":
+        return main_build(args.config, args.out or GENERATED_DIR)
+    token = args.token or os.environ.get("GRAFANA_TOKEN")
+    if not args.url or not token:
+        print("dashboards push: give --url and --token (or GRAFANA_TOKEN in the environment)", file=sys.stderr)
+        return 2
+    return main_push(args.config, args.url, token)
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from gateway.records import schema_document
 
@@ -377,6 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     ack.add_argument("--silence", type=float, metavar="SECONDS", help="silence for this long instead of acknowledging")
     broker_args(ack)
     ack.set_defaults(func=cmd_ack)
+
+    dash = sub.add_parser("dashboards", help="build the Grafana dashboards for a site's alarm profile, or push them")
+    dash.add_argument("action", choices=["build", "push"])
+    dash.add_argument("--config", "-c", type=Path, help="gateway config whose [alarms] colour the dashboards")
+    dash.add_argument("--out", type=Path, help="build: where the JSON goes (default: dashboards/generated)")
+    dash.add_argument("--url", help="push: the Grafana URL")
+    dash.add_argument("--token", help="push: a Grafana service-account token (or GRAFANA_TOKEN)")
+    dash.set_defaults(func=cmd_dashboards)
 
     sch = sub.add_parser("schema", help="print the JSON Schema of the MQTT payloads")
     sch.set_defaults(func=cmd_schema)

@@ -76,3 +76,16 @@ def test_schema_is_valid_json_with_every_payload_and_the_docs_copy_is_current() 
     assert {"ReadingMessage", "StatusMessage", "GatewayStatusMessage"} <= set(doc["$defs"])
     committed = json.loads((VECTORS.parent.parent / "docs" / "mqtt-schema.json").read_text())
     assert committed == doc, "docs/mqtt-schema.json is stale: run `make schema`"
+
+
+def test_dashboards_build_follows_the_config_profile(tmp_path: Path) -> None:
+    config = tmp_path / "gw.toml"
+    config.write_text(
+        '[influx]\napi = "v1"\ndatabase = "x"\n[alarms]\nprofile = "site"\n'
+        '[[alarms.rules]]\nid = "spo2-low"\nmetric = "spo2"\nbelow = 93\npriority = "high"\n'
+    )
+    result = run_cli("dashboards", "build", "--config", str(config), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    wall = json.loads((tmp_path / "out" / "infusion-wall.json").read_text())
+    assert '"value": 93' in json.dumps(wall).replace("93.0", "93")
+    assert run_cli("dashboards", "push").returncode == 2  # no URL or token: a clear refusal
