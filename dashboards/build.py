@@ -582,13 +582,6 @@ def room_detail(profile: AlarmProfile, ds: dash_m.DataSourceRef) -> dash_b.Dashb
 
 # --- gateway health ------------------------------------------------------------------------------------------
 
-MISSING_COUNTERS = (
-    "**Not stored yet.** The gateway does not write its own counters (outbox backlog, records rejected by a sink, "
-    "dropped records, sink link state) to InfluxDB. The panels here are built from what is stored: readings per "
-    "device, device status, technical alarms and the gateway's own alarms (`broker_lost`, `outbox_filling`). "
-    "See docs/dashboards.md."
-)
-
 
 def gateway_health(profile: AlarmProfile, ds: dash_m.DataSourceRef) -> dash_b.Dashboard:
     ids = _Ids()
@@ -603,15 +596,41 @@ def gateway_health(profile: AlarmProfile, ds: dash_m.DataSourceRef) -> dash_b.Da
         .time("now-6h", "now")
         .refresh("30s")
     )
+    backlog = (
+        'SELECT last("backlog_mqtt") AS "to MQTT", last("backlog_influx") AS "to InfluxDB" FROM "gateway" '
+        "WHERE $timeFilter GROUP BY time($__interval) fill(null)"
+    )
     board = board.with_panel(
-        text.Panel()
+        timeseries.Panel()
         .id(ids())
-        .title("")
-        .transparent(True)
-        .mode(TextMode.MARKDOWN)
-        .content(MISSING_COUNTERS)
-        .height(3)
-        .span(24)
+        .title("Outbox backlog")
+        .description("Records the outbox still owes each sink (from the gateway's counters, every 5 s).")
+        .datasource(ds)
+        .with_target(InfluxQL(backlog, ds))
+        .interval("10s")
+        .min(0)
+        .height(8)
+        .span(12)
+    )
+    losses = (
+        'SELECT last("rejected") AS "rejected", last("dropped") AS "dropped", '
+        'last("protocol_errors") AS "protocol errors" FROM "gateway" WHERE $timeFilter '
+        "GROUP BY time($__interval) fill(null)"
+    )
+    board = board.with_panel(
+        timeseries.Panel()
+        .id(ids())
+        .title("Rejected and dropped")
+        .description(
+            "Counters since the gateway started: records a sink refused, readings dropped over the outbox "
+            "bounds, protocol errors on the serial lines."
+        )
+        .datasource(ds)
+        .with_target(InfluxQL(losses, ds))
+        .interval("10s")
+        .min(0)
+        .height(8)
+        .span(12)
     )
     rate = (
         'SELECT count("seq") * 1000 / $__interval_ms AS "readings/s" FROM "vitals" WHERE $timeFilter '

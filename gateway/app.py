@@ -21,6 +21,7 @@ from gateway.outbox import Outbox
 from gateway.records import (
     alarm_record,
     gateway_origin,
+    gateway_status_record,
     iso_utc,
     origin_for,
     reading_record,
@@ -191,6 +192,10 @@ class Gateway:
                 with contextlib.suppress(Exception):
                     await sink.publish_gateway_status()
             g = self.cfg.gateway
+            # The same counters as a record, so InfluxDB keeps their history for the gateway-health dashboard.
+            self._put(
+                f"_gateway/{g.id}", gateway_status_record, self._alarm_origins[f"_gateway/{g.id}"], time.time(), body
+            )
             await self.outbox.prune(g.outbox_max_records, g.outbox_max_age_s)
             await asyncio.sleep(g.status_interval_s)
 

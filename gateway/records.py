@@ -244,6 +244,17 @@ def session_record(origin: dict[str, str], seq: int, event: SessionEvent) -> dic
     }
 
 
+def gateway_status_record(origin: dict[str, str], seq: int, now: float, status: dict[str, Any]) -> dict[str, Any]:
+    """The gateway's counters, stored (not published: the retained status topic carries them live)."""
+    return {
+        **_envelope(origin, seq, now),
+        "type": "gateway_status",
+        "state": status["state"],
+        "counters": dict(status["counters"]),
+        "links": dict(status["links"]),
+    }
+
+
 def room_origin(site: str, room: str) -> dict[str, str]:
     return {"site": site, "room": room, "device": "_room", "model": "session", "kind": "session"}
 

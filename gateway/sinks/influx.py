@@ -61,6 +61,13 @@ def to_point(record: dict[str, Any]) -> Point | None:
                 point.field(name, float(record[name]))
         if record.get("metric"):
             point.field("metric", record["metric"])
+    elif kind == "gateway_status":
+        point = Point("gateway")
+        point.field("state", record["state"])
+        for name, value in record["counters"].items():
+            point.field(name, int(value))
+        down = sorted(k for k, v in record["links"].items() if v not in ("up", "ok", "connected"))
+        point.field("links_down", ",".join(down))
     elif kind == "session":
         point = Point("sessions")
         point.field("transition", record["transition"])

@@ -164,6 +164,8 @@ class MqttSink:
         """(topic, payload, retain) for each message a record becomes (docs/mqtt.md)."""
         prefix, site, room, device = self.cfg.topic_prefix, record["site"], record["room"], record["device"]
         kind = record["type"]
+        if kind == "gateway_status":
+            return []  # stored only: the retained gateway status carries the same counters live
         if kind == "status":
             return [(device_topic(prefix, site, room, device, "status"), json.dumps(record).encode(), True)]
         if now - parse_iso_ns(record["time"]) / 1e9 > self.live_window_s:

@@ -29,6 +29,7 @@ from gateway.alarms import EXAMPLE_KETAMINE_PROFILE, AlarmEvent, AlarmProfile, S
 from gateway.records import (
     alarm_record,
     gateway_origin,
+    gateway_status_record,
     origin_for,
     reading_record,
     room_origin,
@@ -200,6 +201,20 @@ def _points(now: float) -> str:
     records.append(session_record(room1, nxt(), SessionEvent("1", "started", now - 1500, "s-1", now - 1500)))
     base = {"nibp_systolic": 128.0, "nibp_diastolic": 82.0, "nibp_mean": 97.0}
     records.append(session_record(room1, nxt(), SessionEvent("1", "baseline", now - 600, "s-1", now - 1500, base)))
+    for ago, backlog in ((120, 0), (60, 340), (5, 12)):  # the gateway's own counters, every status interval
+        counters = {
+            "received": 400,
+            "committed": 400,
+            "published": 390,
+            "written": 60,
+            "protocol_errors": 2,
+            "backlog_mqtt": 0,
+            "backlog_influx": backlog,
+            "rejected": 1,
+            "dropped": 0,
+        }
+        status = {"state": "degraded" if backlog else "online", "counters": counters, "links": {"mqtt": "up"}}
+        records.append(gateway_status_record(gw, nxt(), now - ago, status))
     return "\n".join(to_lines(records))
 
 
@@ -241,6 +256,8 @@ EXPECTED_COLUMNS: dict[tuple[str, str], list[str]] = {
         "role",
     ],
     ("room", "Sessions"): ["time", "transition", "session_id", "baseline_nibp_systolic", "baseline_nibp_diastolic"],
+    ("gateway", "Outbox backlog"): ["time", "to MQTT", "to InfluxDB"],
+    ("gateway", "Rejected and dropped"): ["time", "rejected", "dropped", "protocol errors"],
     ("gateway", "Readings per second"): ["time", "readings/s"],
     ("gateway", "Flagged readings per second"): ["time", "flagged/s"],
     ("gateway", "Device links"): ["time", "state"],

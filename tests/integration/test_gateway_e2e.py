@@ -123,6 +123,10 @@ async def test_every_simulated_reading_reaches_mqtt_and_influx(
         for r in readings:
             m = r["metrics"]
             assert by_seq[r["seq"]] == [m.get("spo2"), m.get("pulse_rate"), m.get("perfusion_index")]
+        # The gateway's own history, for its dashboard: counters land in the `gateway` measurement.
+        counted = f'SELECT "received", "state" FROM "gateway" WHERE "received" >= {N} AND "written" > 0'
+        await wait_for(lambda: bool(influxd.query(influx_db, counted)), 15)
+        assert influxd.query(influx_db, counted)[0]["values"][-1][2] == "online"
         with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/health", timeout=5) as resp:
             health = json.loads(resp.read())
         assert resp.status == 200 and health["state"] == "online"
