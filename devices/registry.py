@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from devices import masimo_ascii1, nonin
+from devices import masimo_ascii1, nonin, suntech_advantage
 from devices.base import Model
 
-MODELS: dict[str, Model] = {m.spec.model: m for m in (masimo_ascii1.MODEL, *nonin.MODELS)}
+MODELS: dict[str, Model] = {m.spec.model: m for m in (masimo_ascii1.MODEL, *nonin.MODELS, suntech_advantage.MODEL)}
 
 
 class UnknownModelError(KeyError):

@@ -114,6 +114,9 @@ class DeviceSession:
                 if out:
                     await port.write(out)
                 next_send = now + 0.2
+                poll = getattr(self.driver, "poll", None)
+                if poll is not None:
+                    self._handle(poll(now), now)
             self._release(now)
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races a read.
