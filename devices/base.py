@@ -76,6 +76,14 @@ class DeviceSpec:
     # None publishes every record (the 1-a-second devices, NIBP results).
     publish_interval_s: float | None = None
     self_validating: bool = True
+    # Narrower ranges than METRICS where the wire format cannot carry the whole range (a one-byte pulse rate).
+    limits: tuple[tuple[str, float, float], ...] = ()
+
+    def range_of(self, metric: str) -> tuple[float, float]:
+        for name, low, high in self.limits:
+            if name == metric:
+                return low, high
+        return METRICS[metric].low, METRICS[metric].high
 
 
 # --- events --------------------------------------------------------------------------------------------------

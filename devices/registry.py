@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from devices import masimo_ascii1, nonin, suntech_advantage
+from devices import contec_cms50, masimo_ascii1, nonin, suntech_advantage
 from devices.base import Model
 
-MODELS: dict[str, Model] = {m.spec.model: m for m in (masimo_ascii1.MODEL, *nonin.MODELS, suntech_advantage.MODEL)}
+MODELS: dict[str, Model] = {
+    m.spec.model: m for m in (masimo_ascii1.MODEL, *nonin.MODELS, contec_cms50.MODEL, suntech_advantage.MODEL)
+}
 
 
 class UnknownModelError(KeyError):

@@ -118,7 +118,7 @@ def samples(model: Model) -> st.SearchStrategy[Sample]:
             st.integers(30, 200),
         )
     metrics = {
-        name: st.one_of(st.none(), st.floats(METRICS[name].low + 1, METRICS[name].high - 1))
+        name: st.one_of(st.none(), st.floats(model.spec.range_of(name)[0] + 1, model.spec.range_of(name)[1] - 1))
         for name in model.spec.metrics
     }
     return st.builds(lambda m: Sample(metrics=m), st.fixed_dictionaries(metrics))
