@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import decode, drain, latency, limits, load
-from devices.registry import MODELS
+from benchmarks import decode, drain, latency, limits, load, mixed
 
 PEER = {  # Node-RED flow: gateway CPU % of a core, steady RSS MB (issue 7)
     10: (3.8, 98),
@@ -70,8 +69,14 @@ def main() -> None:
             f"influxd {row['influxd_cpu_pct']}%, mosquitto {row['mosquitto_cpu_pct']}%, "
             f"counted {row['on_mqtt']}/{row['lines_sent']} MQTT {row['in_influx']}/{row['lines_sent']} InfluxDB"
         )
-    mixed = [m for m in ("nonin-df2", "nonin-df8", "contec-cms50", "suntech-advantage") if m in MODELS]
-    results["mixed_rooms_models"] = mixed
+    print("mixed rooms at their real rates (Masimo, Nonin DF2, Nonin DF8, Contec, SunTech cuff per room)")
+    results["mixed"] = row = asyncio.run(mixed.measure(_tmp(), 4, 10, window))
+    print(
+        f"  {row['rooms']} rooms, {row['devices']} devices, {row['wire_frames_per_s']} frames/s on the wire: "
+        f"gateway {row['gateway_cpu_pct']}% CPU, RSS {row['gateway_rss_mb_steady']} MB; "
+        f"{row['readings_published']} readings published, {row['readings_in_influx']} in InfluxDB, "
+        f"{row['nibp_results']} blood pressures"
+    )
     print("latency: pty write of the frame's last byte -> MQTT subscriber (durable first)")
     results["latency"] = []
     for n in (10, 100):
