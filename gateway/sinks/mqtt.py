@@ -82,6 +82,9 @@ class MqttSink:
         self.status_topic = gateway_topic(cfg.topic_prefix, site, gateway_id)
         self._client: aiomqtt.Client | None = None
         self._retained: dict[str, bytes] = {}  # topic -> last retained device status, republished on reconnect
+        # topic -> event time of the newest retained message routed there: a backlog record drained after a newer
+        # live one must not put an older state back (a cleared alarm would come back as a ghost on the wall).
+        self._retained_time: dict[str, str] = {}
         self.gateway_status: dict[str, Any] = {}
         self.published = 0
 
@@ -167,7 +170,8 @@ class MqttSink:
         if kind == "gateway_status":
             return []  # stored only: the retained gateway status carries the same counters live
         if kind == "status":
-            return [(device_topic(prefix, site, room, device, "status"), json.dumps(record).encode(), True)]
+            topic = device_topic(prefix, site, room, device, "status")
+            return [(topic, json.dumps(record).encode(), True)] if self._newest(topic, record) else []
         if now - parse_iso_ns(record["time"]) / 1e9 > self.live_window_s:
             record = {**record, "historical": True}
         payload = json.dumps(record).encode()
@@ -175,10 +179,21 @@ class MqttSink:
             base = f"{prefix}/{site}/{room}/alarms"
             # The retained "active" topic holds the alarm while it lasts; an empty retained message removes it.
             active = payload if record["active"] else b""
-            return [(f"{base}/events", payload, False), (f"{base}/active/{device}/{record['rule']}", active, True)]
+            routed = [(f"{base}/events", payload, False)]
+            topic = f"{base}/active/{device}/{record['rule']}"
+            return [*routed, (topic, active, True)] if self._newest(topic, record) else routed
         if kind == "session":
-            return [(f"{prefix}/{site}/{room}/session", payload, True)]
+            topic = f"{prefix}/{site}/{room}/session"
+            return [(topic, payload, True)] if self._newest(topic, record) else []
         return [(device_topic(prefix, site, room, device, kind), payload, False)]
+
+    def _newest(self, topic: str, record: dict[str, Any]) -> bool:
+        """Whether a retained topic should take this record: only if nothing newer was routed there before."""
+        at: str = record["time"]  # fixed-width ISO UTC: string order is time order
+        if at < self._retained_time.get(topic, ""):
+            return False
+        self._retained_time[topic] = at
+        return True
 
     async def write(self, batch: list[dict[str, Any]]) -> WriteResult:
         client = self._client
