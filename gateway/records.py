@@ -24,9 +24,16 @@ def iso_utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def parse_iso_ns(text: str) -> int:
-    dt = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-    return (int(dt.timestamp()) * 1_000_000 + dt.microsecond) * 1000
+    """Exact integer nanoseconds of an `iso_utc` time (no float rounding). On the hot path of every sink, so
+    fromisoformat (C) rather than strptime (50 times slower)."""
+    if not text.endswith("Z"):
+        raise ValueError(f"not a UTC time: {text!r}")
+    delta = datetime.fromisoformat(text) - _EPOCH
+    return ((delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds) * 1000
 
 
 class Origin(BaseModel):

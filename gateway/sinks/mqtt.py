@@ -19,7 +19,7 @@ from typing import Any, Self
 import aiomqtt
 
 from gateway.config import MqttSection, resolve_secret
-from gateway.records import device_topic, gateway_topic, iso_utc, parse_iso_ns
+from gateway.records import device_topic, gateway_topic, iso_utc
 from gateway.sinks import ACCEPTED, SinkUnavailable, WriteResult
 
 log = logging.getLogger(__name__)
@@ -163,8 +163,9 @@ class MqttSink:
         except aiomqtt.MqttError as exc:
             raise SinkUnavailable(f"MQTT gateway status publish failed: {exc}") from exc
 
-    def _route(self, record: dict[str, Any], now: float) -> list[tuple[str, bytes, bool]]:
-        """(topic, payload, retain) for each message a record becomes (docs/mqtt.md)."""
+    def _route(self, record: dict[str, Any], live_since: str) -> list[tuple[str, bytes, bool]]:
+        """(topic, payload, retain) for each message a record becomes (docs/mqtt.md). Records that arrived before
+        `live_since` (fixed-width ISO UTC, so string order is time order) go out marked historical."""
         prefix, site, room, device = self.cfg.topic_prefix, record["site"], record["room"], record["device"]
         kind = record["type"]
         if kind == "gateway_status":
@@ -172,7 +173,7 @@ class MqttSink:
         if kind == "status":
             topic = device_topic(prefix, site, room, device, "status")
             return [(topic, json.dumps(record).encode(), True)] if self._newest(topic, record) else []
-        if now - parse_iso_ns(record["time"]) / 1e9 > self.live_window_s:
+        if record["time"] < live_since:
             record = {**record, "historical": True}
         payload = json.dumps(record).encode()
         if kind == "alarm":
@@ -199,8 +200,8 @@ class MqttSink:
         client = self._client
         if client is None:
             raise SinkUnavailable("not connected")
-        now = time.time()
-        routed = [message for r in batch for message in self._route(r, now)]
+        live_since = iso_utc(time.time() - self.live_window_s)
+        routed = [message for r in batch for message in self._route(r, live_since)]
         try:
             await asyncio.gather(*(client.publish(t, p, qos=1, retain=r) for t, p, r in routed))
         except aiomqtt.MqttError as exc:
