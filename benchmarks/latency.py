@@ -33,7 +33,9 @@ priority = "high"
 """
 
 
-async def measure(workdir: Path, devices: int, seconds: float) -> dict[str, Any]:
+async def measure(workdir: Path, devices: int, seconds: float, burst: bool = False) -> dict[str, Any]:
+    """burst=False: each device writes at its own phase within the second (independent devices, as in the load
+    benchmark and the peer's figures). burst=True: all devices write at the same instant, the worst case."""
     model = get_model("masimo-ascii1")
     spec = [(str(i + 1), "oximeter", "masimo-ascii1") for i in range(devices)]
     with rig(workdir) as r:
@@ -62,7 +64,10 @@ async def measure(workdir: Path, devices: int, seconds: float) -> dict[str, Any]
                     )
                     endpoint.write(frame)
                     written[str(i + 1)].append(time.time())
-                    await asyncio.sleep(0)
+                    if burst:
+                        await asyncio.sleep(0)
+                    else:  # independent devices: each at its own phase within the second
+                        await asyncio.sleep(max(0.0, start + k + (i + 1) / devices - time.monotonic()))
                 await asyncio.sleep(max(0.0, start + (k + 1) - time.monotonic()))
             await wait_until(lambda: sum(1 for _, t, _m in got if t.endswith("/reading")) >= lines * devices, 30)
             await asyncio.sleep(1.0)
@@ -81,6 +86,7 @@ async def measure(workdir: Path, devices: int, seconds: float) -> dict[str, Any]
             alarm_lat.append(arrived - sent[-1])
     return {
         "devices": devices,
+        "mode": "burst" if burst else "spread",
         "lines": lines * devices,
         "readings_received": sum(per_room.values()),
         "reading": percentiles(reading_lat),
@@ -92,10 +98,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--devices", type=int, nargs="+", default=[10])
     parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--burst", action="store_true", help="all devices write at the same instant (worst case)")
     args = parser.parse_args()
     for n in args.devices:
         with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
-            result = asyncio.run(measure(Path(tmp), n, args.seconds))
+            result = asyncio.run(measure(Path(tmp), n, args.seconds, args.burst))
         print(json.dumps(result))
 
 

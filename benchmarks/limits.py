@@ -1,6 +1,7 @@
 """The raw limits on this machine, measured in the same run as the gateway: what the gateway's figures are
 compared against. A bare aiomqtt QoS 1 publish loop, a bare line-protocol write loop to influxd (batched and one
-point per request, the peer's way), and a bare pty read loop through pyserial-asyncio-fast."""
+point per request, the peer's way), a bare pty read loop through pyserial-asyncio-fast, and the bare relay latency
+(pty read straight to a QoS 1 publish, no decoding, no durability) to a subscriber, the floor under the gateway's."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import aiohttp
 import aiomqtt
 import serial_asyncio_fast
 
-from benchmarks.harness import rig
+from benchmarks.harness import percentiles, rig
 
 LINE = (
     b"02/22/16 22:47:45 SN=0000056661 SPO2=098% BPM=097 PI=03.60% SPCO=--.-% SPMET=--.-% DESAT=-- PIDELTA=+-- "
@@ -91,10 +92,53 @@ async def pty_read(n: int = 20_000) -> dict[str, float]:
     return {"pty_lines_per_s": round(n / elapsed)}
 
 
+async def relay_latency(port: int, n: int = 300) -> dict[str, float]:
+    """pty write -> pty read -> QoS 1 publish -> subscriber, one line every 10 ms: what any gateway must spend."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    reader, writer = await serial_asyncio_fast.open_serial_connection(url=os.ttyname(slave), baudrate=9600)
+    quiet = logging.getLogger("benchmarks.limits.relay")
+    quiet.setLevel(logging.ERROR)
+    delays: list[float] = []
+    async with (
+        aiomqtt.Client("127.0.0.1", port, identifier="limit-relay", logger=quiet) as relay,
+        aiomqtt.Client("127.0.0.1", port, identifier="limit-sub", logger=quiet) as sub,
+    ):
+        await sub.subscribe("limit/relay", qos=1)
+
+        async def forward() -> None:
+            while True:
+                await relay.publish("limit/relay", await reader.read(4096), qos=1)
+
+        async def receive() -> None:
+            async for _message in sub.messages:
+                delays.append(time.perf_counter() - sent[len(delays)])
+                if len(delays) == n:
+                    return
+
+        sent: list[float] = []
+        relaying = asyncio.create_task(forward())
+        receiving = asyncio.create_task(receive())
+        for _ in range(n):
+            sent.append(time.perf_counter())
+            os.write(master, LINE)
+            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            await receiving
+        relaying.cancel()
+        await asyncio.gather(relaying, return_exceptions=True)
+    writer.close()
+    os.close(master)
+    os.close(slave)
+    p = percentiles(delays)
+    return {"relay_latency_p50_ms": p["p50_ms"], "relay_latency_p99_ms": p["p99_ms"]}
+
+
 async def measure(workdir: Path) -> dict[str, Any]:
     with rig(workdir) as r:
         out: dict[str, Any] = {}
         out.update(await mqtt_publish(r.broker.port))
+        out.update(await relay_latency(r.broker.port))
         out.update(await influx_write(r.influx.url, r.database))
     out.update(await pty_read())
     return out

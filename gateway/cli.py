@@ -123,6 +123,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(cfg.gateway.log_level)
     from gateway.app import Gateway
 
+    # While a backlog drains, the outbox thread and InfluxDB's line rendering hold the GIL for long stretches; the
+    # default 5 ms switch interval would add that much, several times over, to every live reading on the loop.
+    sys.setswitchinterval(0.0005)
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -26,7 +26,11 @@ class SinkWorker:
         batch_size: int = 1000,
         backoff: Backoff | None = None,
         linger_s: float = 0.0,
+        backlog_share: float = 1.0,
     ) -> None:
+        # The share of time a backlog may keep this sink busy while live data flows (MQTT: publishing is all on the
+        # event loop, so an unpaced replay would leave live readings queueing behind it).
+        self.backlog_share = backlog_share
         self.linger_s = linger_s  # InfluxDB: gather up to this long for a fuller batch (MQTT: 0, live first)
         self._last_write = 0.0
         self.outbox = outbox
@@ -57,44 +61,63 @@ class SinkWorker:
                 self.sink, self.connected = None, False
 
     async def _drain(self, sink: Sink) -> None:
-        """Normal mode: oldest first. With a backlog (after an outage), live first: records that arrive from now
-        on are sent as they come, and the backlog drains behind them one batch per round, so a nurse sees the
-        present while the past catches up. The cursor only moves over the backlog; once it reaches the live
-        range it jumps to what was sent live."""
-        live_from: int | None = None  # records with id >= live_from go out live, ahead of the backlog
-        live_sent = 0  # the newest id sent live
+        """Normal mode: oldest first. With a backlog (after an outage), live first (see _drain_live_first)."""
         while True:
             cursor = await self.outbox.cursor(self.name)
-            if live_from is None:
-                head = await self.outbox.head()
-                if head - cursor > self.batch_size:
-                    live_from, live_sent = head + 1, head
-                    log.info("%s: %d records owed; live data first, the backlog behind it", self.name, head - cursor)
-            if live_from is None:
-                items = await self.outbox.read(self.name, self.batch_size)
-                if not items:
-                    await self.outbox.wait_new(self.name, max_wait_s=5.0)
-                    continue
-                wait = self._last_write + self.linger_s - time.monotonic()
-                if len(items) < self.batch_size and wait > 0:
-                    await asyncio.sleep(wait)
-                    items = await self.outbox.read(self.name, self.batch_size)
-                self._last_write = time.monotonic()
-                await self._settle(sink, items)
-                continue
-            live = await self.outbox.read_range(live_sent, None, self.batch_size)
-            if live:
-                await self._settle(sink, live, advance=False)
-                live_sent = live[-1].id
-            backlog = await self.outbox.read_range(cursor, live_from, self.batch_size)
-            if backlog:
-                await self._settle(sink, backlog)
-            else:
-                await self.outbox.ack(self.name, live_sent)
-                live_from = None
+            head = await self.outbox.head()
+            if head - cursor > self.batch_size:
+                log.info("%s: %d records owed; live data first, the backlog behind it", self.name, head - cursor)
+                await self._drain_live_first(sink, head + 1)
                 log.info("%s: backlog delivered", self.name)
-            if not live and not backlog:
-                await self.outbox.wait_new(self.name, max_wait_s=1.0)
+                continue
+            items = await self.outbox.read(self.name, self.batch_size)
+            if not items:
+                await self.outbox.wait_new(self.name, max_wait_s=5.0)
+                continue
+            wait = self._last_write + self.linger_s - time.monotonic()
+            if len(items) < self.batch_size and wait > 0:
+                await asyncio.sleep(wait)
+                items = await self.outbox.read(self.name, self.batch_size)
+            self._last_write = time.monotonic()
+            await self._settle(sink, items)
+
+    async def _drain_live_first(self, sink: Sink, live_from: int) -> None:
+        """Records from `live_from` on go out as they are committed, by a task of their own, while this one sends
+        the backlog below `live_from` oldest first: a nurse sees the present at once while the past catches up, and
+        a live record never waits for a backlog batch. The cursor only moves over the backlog; once the backlog is
+        through, it jumps to what was sent live."""
+        live_sent = live_from - 1  # the newest id sent live
+        stop = asyncio.Event()
+
+        async def live() -> None:
+            nonlocal live_sent
+            while not stop.is_set():
+                items = await self.outbox.read_after(live_sent, self.batch_size)
+                if items:
+                    await self._settle(sink, items, advance=False)
+                    live_sent = items[-1].id
+                else:
+                    await self.outbox.wait_new(self.name, max_wait_s=0.2)
+
+        sending = asyncio.create_task(live(), name=f"{self.name}-live")
+        try:
+            while backlog := await self.outbox.read_range(
+                await self.outbox.cursor(self.name), live_from, self.batch_size
+            ):
+                if sending.done():
+                    sending.result()  # the live side lost the sink: raise its error here
+                began = time.monotonic()
+                await self._settle(sink, backlog)
+                if self.backlog_share < 1.0:
+                    busy = time.monotonic() - began
+                    await asyncio.sleep(busy * (1.0 - self.backlog_share) / self.backlog_share)
+            stop.set()
+            await sending  # lets its batch finish, so live_sent is exact
+        finally:
+            if not sending.done():
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+        await self.outbox.ack(self.name, live_sent)
 
     async def _settle(self, sink: Sink, items: list[Item], advance: bool = True) -> None:
         result = await sink.write([it.record for it in items])

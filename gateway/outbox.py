@@ -5,8 +5,8 @@ sink drains its own cursor, so a dead InfluxDB does not hold back MQTT and vice 
 
 Group commit: `put()` only queues; one writer commits everything queued in a single transaction as soon as the
 previous commit finished (the window is one fsync, a few ms). `committed` futures tell callers when it is durable.
-All SQLite work runs on one dedicated thread, so the event loop never waits on the disk and the connection is
-used by one thread only.
+All SQLite writes run on one dedicated thread and backlog reads on another (each with its own connection), so the
+event loop never waits on the disk and a live commit never waits behind a large read.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 RECENT = 4096  # committed records kept in memory for sinks that keep up
+PRUNE_CHUNK = 2000  # settled records deleted per transaction (a whole backlog at once would stall live commits)
 CURSOR_SAVE_S = 1.0  # the longest an acknowledged cursor waits in memory for a commit to carry it to disk
 
 SCHEMA = """
@@ -57,7 +58,11 @@ class Outbox:
         self.path = path
         self.sinks = sinks
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
+        # Reading a backlog back (thousands of rows) runs on a connection and thread of its own, so a commit of
+        # live records never queues behind it (WAL lets readers and the writer work at the same time).
+        self._read_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-read")
         self._db: sqlite3.Connection | None = None
+        self._rdb: sqlite3.Connection | None = None
         self._pending: list[tuple[str, int, dict[str, Any]]] = []
         self._pending_done: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
@@ -76,6 +81,7 @@ class Outbox:
 
     async def open(self) -> None:
         await self._run(self._open_sync)
+        self._rdb = await self._run_read(sqlite3.connect, self.path, 5.0, 0, None, False)
         self._seq = await self._run(lambda: dict(self._conn.execute("SELECT key, seq FROM sequences").fetchall()))
         self._cursors = await self._run(
             lambda: dict(self._conn.execute("SELECT sink, last_id FROM cursors").fetchall())
@@ -112,9 +118,13 @@ class Outbox:
 
     async def close(self) -> None:
         await self.flush()
+        if self._rdb is not None:
+            await self._run_read(self._rdb.close)
+            self._rdb = None
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None
+        self._read_pool.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
     @property
@@ -122,8 +132,16 @@ class Outbox:
         assert self._db is not None, "outbox is not open"
         return self._db
 
+    @property
+    def _reader(self) -> sqlite3.Connection:
+        assert self._rdb is not None, "outbox is not open"
+        return self._rdb
+
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _run_read(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._read_pool, fn, *args)
 
     # -- writing ---------------------------------------------------------------------------------------------
 
@@ -222,23 +240,27 @@ class Outbox:
 
     async def read(self, sink: str, limit: int) -> list[Item]:
         """The oldest records `sink` has not settled: from memory when they are recent, else from SQLite."""
-        cursor = self._cursors[sink]
+        return await self.read_after(self._cursors[sink], limit)
+
+    async def read_after(self, after_id: int, limit: int) -> list[Item]:
+        """Up to `limit` records with id > after_id, oldest first: from memory when they are recent."""
         recent = self._recent
-        if recent and recent[0].id <= cursor + 1:
-            start = max(0, cursor + 1 - recent[0].id)
+        if recent and recent[0].id <= after_id + 1:
+            start = max(0, after_id + 1 - recent[0].id)
             return list(itertools.islice(recent, start, start + limit))
-        return await self.read_range(cursor, None, limit)
+        return await self.read_range(after_id, None, limit)
 
     async def read_range(self, after_id: int, before_id: int | None, limit: int) -> list[Item]:
-        """Records with after_id < id (< before_id), oldest first."""
-        rows: list[tuple[int, str]] = await self._run(self._read_range_sync, after_id, before_id, limit)
-        return [Item(i, json.loads(body)) for i, body in rows]
+        """Records with after_id < id (< before_id), oldest first, read back from SQLite."""
+        items: list[Item] = await self._run_read(self._read_range_sync, after_id, before_id, limit)
+        return items
 
-    def _read_range_sync(self, after_id: int, before_id: int | None, limit: int) -> list[tuple[int, str]]:
+    def _read_range_sync(self, after_id: int, before_id: int | None, limit: int) -> list[Item]:
         upper = before_id if before_id is not None else 2**62
-        return self._conn.execute(
+        rows = self._reader.execute(
             "SELECT id, body FROM records WHERE id > ? AND id < ? ORDER BY id LIMIT ?", (after_id, upper, limit)
         ).fetchall()
+        return [Item(i, json.loads(body)) for i, body in rows]  # decoded here, not on the event loop
 
     async def cursor(self, sink: str) -> int:
         return self._cursors[sink]
@@ -282,15 +304,15 @@ class Outbox:
 
     async def backlog(self) -> dict[str, int]:
         """Records each sink still owes."""
-        owed: dict[str, int] = await self._run(self._backlog_sync, dict(self._cursors))
+        owed: dict[str, int] = await self._run_read(self._backlog_sync, dict(self._cursors))
         return owed
 
     def _backlog_sync(self, cursors: dict[str, int]) -> dict[str, int]:
         query = "SELECT count(*) FROM records WHERE id > ?"
-        return {sink: int(self._conn.execute(query, (last,)).fetchone()[0]) for sink, last in cursors.items()}
+        return {sink: int(self._reader.execute(query, (last,)).fetchone()[0]) for sink, last in cursors.items()}
 
     async def rejected_count(self) -> int:
-        row = await self._run(lambda: self._conn.execute("SELECT count(*) FROM rejected").fetchone())
+        row = await self._run_read(lambda: self._reader.execute("SELECT count(*) FROM rejected").fetchone())
         return int(row[0])
 
     async def prune(self, max_records: int | None = None, max_age_s: float | None = None) -> int:
@@ -301,18 +323,30 @@ class Outbox:
         Returns how many records were deleted in all.
         """
         await self.flush()  # cursors first: prune deletes what every sink has settled on disk
-        settled, dropped = await self._run(self._prune_sync, max_records, max_age_s)
+        settled = 0
+        while True:  # in chunks, each its own transaction, so live commits slip in between
+            deleted: int = await self._run(self._prune_settled_sync, PRUNE_CHUNK)
+            settled += deleted
+            if deleted < PRUNE_CHUNK:
+                break
+        dropped: int = await self._run(self._prune_bounds_sync, max_records, max_age_s)
         self.dropped += dropped
         if dropped:
             log.error("outbox over its bounds: dropped the %d oldest undelivered readings", dropped)
-        return int(settled + dropped)
+        return settled + dropped
 
-    def _prune_sync(self, max_records: int | None, max_age_s: float | None) -> tuple[int, int]:
-        db = self._conn
+    def _prune_settled_sync(self, limit: int) -> int:
         marks = ",".join("?" * len(self.sinks))
-        settled = db.execute(
-            f"DELETE FROM records WHERE id <= (SELECT min(last_id) FROM cursors WHERE sink IN ({marks}))", self.sinks
-        ).rowcount
+        return int(
+            self._conn.execute(
+                "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE id <= "
+                f"(SELECT min(last_id) FROM cursors WHERE sink IN ({marks})) ORDER BY id LIMIT ?)",
+                (*self.sinks, limit),
+            ).rowcount
+        )
+
+    def _prune_bounds_sync(self, max_records: int | None, max_age_s: float | None) -> int:
+        db = self._conn
         dropped = 0
         if max_age_s is not None:
             dropped += db.execute(
@@ -326,4 +360,4 @@ class Outbox:
                     "ORDER BY id LIMIT ?)",
                     (count - max_records,),
                 ).rowcount
-        return settled, dropped
+        return dropped
