@@ -1,0 +1,67 @@
+"""The sink worker against a real Mosquitto: after an outage, live records go out at once while the backlog drains
+behind them, every record arrives, and the cursor ends where the live records left it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from devices.base import Reading
+from devices.registry import get_model
+from gateway.config import MqttSection
+from gateway.delivery import SinkWorker
+from gateway.outbox import Outbox
+from gateway.records import origin_for, reading_record
+from gateway.sinks.mqtt import MqttSink, subscribe
+from tests.helpers import wait_for
+
+BACKLOG = 3000
+LIVE = 5
+
+
+async def test_live_records_overtake_the_backlog_and_nothing_is_lost(tmp_path: Path, mosquitto: Any) -> None:
+    box = Outbox(tmp_path / "outbox.sqlite3", sinks=("mqtt",))
+    await box.open()
+    spec = get_model("masimo-ascii1").spec
+    old, new = origin_for("s", "backlog", "ox", spec), origin_for("s", "live", "ox", spec)
+    start = time.time() - 3600
+    for i in range(BACKLOG):  # what an outage leaves behind
+        box.put("backlog/ox", i + 1, reading_record(old, i + 1, start + i, Reading({"spo2": 97})))
+    await box.flush()
+
+    arrived: list[tuple[str, int, bool]] = []
+    cfg = MqttSection(host="127.0.0.1", port=mosquitto.port)
+
+    async def collect() -> None:
+        async with subscribe(cfg, ["infusion/s/+/ox/reading"], "delivery-test") as messages:
+            async for _topic, payload in messages:
+                body = json.loads(payload)
+                arrived.append((body["room"], body["seq"], body["historical"]))
+
+    collecting = asyncio.create_task(collect())
+    await asyncio.sleep(0.3)
+    worker = SinkWorker(box, lambda: MqttSink(cfg, "s", "gw", 10.0), "mqtt", batch_size=50, backlog_share=0.5)
+    working = asyncio.create_task(worker.run())
+    try:
+        await wait_for(lambda: len(arrived) >= 100, 10)  # the replay is under way
+        for k in range(LIVE):
+            box.put("live/ox", k + 1, reading_record(new, k + 1, time.time(), Reading({"spo2": 96})))
+            await box.flush()
+        await wait_for(lambda: sum(1 for room, _, _ in arrived if room == "live") == LIVE, 5)
+        backlog_seen = sum(1 for room, _, _ in arrived if room == "backlog")
+        assert backlog_seen < BACKLOG, "live records waited for the whole backlog"
+        await wait_for(lambda: len({(r, s) for r, s, _ in arrived}) == BACKLOG + LIVE, 30)
+        assert {s for r, s, _ in arrived if r == "backlog"} == set(range(1, BACKLOG + 1))
+        assert all(historical for room, _, historical in arrived if room == "backlog")
+        assert not any(historical for room, _, historical in arrived if room == "live")
+        head = await box.head()
+        await wait_for(lambda: box._cursors["mqtt"] == head, 5)  # settled up to the newest live record
+        assert await box.backlog() == {"mqtt": 0}
+    finally:
+        working.cancel()
+        collecting.cancel()
+        await asyncio.gather(working, collecting, return_exceptions=True)
+        await box.close()
