@@ -246,7 +246,16 @@ class Outbox:
         """Up to `limit` records with id > after_id, oldest first: from memory when they are recent."""
         recent = self._recent
         if recent and recent[0].id <= after_id + 1:
-            start = max(0, after_id + 1 - recent[0].id)
+            # Ids in `recent` are consecutive. A sink that keeps up wants the last few: walk in from the right end
+            # (islice from the left would step over up to RECENT items on every read).
+            newer = recent[-1].id - after_id
+            if newer <= 0:
+                return []
+            if newer <= limit:
+                tail = list(itertools.islice(reversed(recent), newer))
+                tail.reverse()
+                return tail
+            start = len(recent) - newer
             return list(itertools.islice(recent, start, start + limit))
         return await self.read_range(after_id, None, limit)
 

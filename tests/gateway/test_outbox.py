@@ -93,3 +93,16 @@ async def test_over_its_bounds_the_oldest_readings_go_first_and_are_counted(tmp_
     assert kept[0].record["type"] == "status"  # statuses (and alarms) are kept; readings go first
     assert [it.record["seq"] for it in kept[1:3]] == [503, 504]  # the oldest readings went
     await box.close()
+
+
+async def test_read_after_gives_the_same_records_from_memory_and_from_disk(tmp_path: Path) -> None:
+    from gateway.outbox import RECENT
+
+    box = await _filled(tmp_path / "o.db", RECENT + 50)  # the oldest 50 are only on disk now
+    head = await box.head()
+    for after, limit in [(0, 10), (40, 20), (head - 3, 10), (head - 30, 10), (head - 2000, 5), (head, 10)]:
+        got = [it.id for it in await box.read_after(after, limit)]
+        assert got == list(range(after + 1, min(head, after + limit) + 1)), (after, limit)
+        on_disk = [(it.id, it.record) for it in await box.read_range(after, None, limit)]
+        assert on_disk == [(it.id, it.record) for it in await box.read_after(after, limit)]
+    await box.close()
