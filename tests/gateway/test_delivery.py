@@ -35,14 +35,18 @@ async def test_live_records_overtake_the_backlog_and_nothing_is_lost(tmp_path: P
     arrived: list[tuple[str, int, bool]] = []
     cfg = MqttSection(host="127.0.0.1", port=mosquitto.port)
 
+    subscribed = asyncio.Event()
+
     async def collect() -> None:
         async with subscribe(cfg, ["infusion/s/+/ox/reading"], "delivery-test") as messages:
+            subscribed.set()
             async for _topic, payload in messages:
                 body = json.loads(payload)
                 arrived.append((body["room"], body["seq"], body["historical"]))
 
     collecting = asyncio.create_task(collect())
-    await asyncio.sleep(0.3)
+    async with asyncio.timeout(10):
+        await subscribed.wait()  # the broker has acknowledged the subscription
     worker = SinkWorker(box, lambda: MqttSink(cfg, "s", "gw", 10.0), "mqtt", batch_size=50, backlog_share=0.5)
     working = asyncio.create_task(worker.run())
     try:

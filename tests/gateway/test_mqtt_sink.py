@@ -42,7 +42,7 @@ async def retained_now(port: int, topic: str) -> bytes | None:
                 return
 
     try:
-        async with asyncio.timeout(1.0):
+        async with asyncio.timeout(2.0):  # a retained message follows the SUBACK at once
             await read()
     except TimeoutError:
         return None
@@ -52,14 +52,18 @@ async def retained_now(port: int, topic: str) -> bytes | None:
 async def test_backlog_alarm_older_than_live_clear_does_not_come_back(mosquitto: Any) -> None:
     events: list[bytes] = []
 
+    subscribed = asyncio.Event()
+
     async def collect() -> None:
         async with subscribe(MqttSection(host="127.0.0.1", port=mosquitto.port), ["infusion/#"], "c") as messages:
+            subscribed.set()
             async for topic, payload in messages:
                 if topic.endswith("/events"):
                     events.append(payload)
 
     collecting = asyncio.create_task(collect())
-    await asyncio.sleep(0.2)
+    async with asyncio.timeout(10):
+        await subscribed.wait()  # the broker has acknowledged the subscription
     now = time.time()
     async with MqttSink(MqttSection(host="127.0.0.1", port=mosquitto.port), "site", "gw", live_window_s=5) as sink:
         await sink.write([alarm(2, now - 1, "cleared", False)])  # live: drained first
