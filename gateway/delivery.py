@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from gateway.backoff import Backoff
 from gateway.outbox import Item, Outbox
@@ -70,16 +70,22 @@ class SinkWorker:
                 await self._drain_live_first(sink, head + 1)
                 log.info("%s: backlog delivered", self.name)
                 continue
-            items = await self.outbox.read(self.name, self.batch_size)
+            items = await self._lingered(lambda: self.outbox.read(self.name, self.batch_size))
             if not items:
                 await self.outbox.wait_new(self.name, max_wait_s=5.0)
                 continue
-            wait = self._last_write + self.linger_s - time.monotonic()
-            if len(items) < self.batch_size and wait > 0:
-                await asyncio.sleep(wait)
-                items = await self.outbox.read(self.name, self.batch_size)
-            self._last_write = time.monotonic()
             await self._settle(sink, items)
+
+    async def _lingered(self, read: Callable[[], Awaitable[list[Item]]]) -> list[Item]:
+        """The next batch; with a linger, a short one waits until linger_s after the last write for more."""
+        items = await read()
+        wait = self._last_write + self.linger_s - time.monotonic()
+        if items and len(items) < self.batch_size and wait > 0:
+            await asyncio.sleep(wait)
+            items = await read()
+        if items:
+            self._last_write = time.monotonic()
+        return items
 
     async def _drain_live_first(self, sink: Sink, live_from: int) -> None:
         """Records from `live_from` on go out as they are committed, by a task of their own, while this one sends
@@ -92,7 +98,7 @@ class SinkWorker:
         async def live() -> None:
             nonlocal live_sent
             while not stop.is_set():
-                items = await self.outbox.read_after(live_sent, self.batch_size)
+                items = await self._lingered(lambda after=live_sent: self.outbox.read_after(after, self.batch_size))
                 if items:
                     await self._settle(sink, items, advance=False)
                     live_sent = items[-1].id
