@@ -6,6 +6,7 @@ Retry and reconnect live here (and in sessions), nowhere else: a sink only repor
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -98,7 +99,7 @@ class SinkWorker:
         async def live() -> None:
             nonlocal live_sent
             while not stop.is_set():
-                items = await self._lingered(lambda after=live_sent: self.outbox.read_after(after, self.batch_size))
+                items = await self._lingered(functools.partial(self.outbox.read_after, live_sent, self.batch_size))
                 if items:
                     await self._settle(sink, items, advance=False)
                     live_sent = items[-1].id
