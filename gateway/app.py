@@ -57,7 +57,7 @@ class Gateway:
                 cfg.mqtt, g.site, g.id, g.live_window_s, on_command=self._command, commands=self.router.subscriptions
             ),
             "mqtt",
-            batch_size=50,  # small, and the replay paced to half the loop's time: live data first
+            batch_size=20,  # small, and the replay paced to half the loop's time: live data first
             backoff=Backoff(0.5, cfg.mqtt.reconnect_max_s),
             backlog_share=0.5,
         )
