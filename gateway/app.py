@@ -68,6 +68,7 @@ class Gateway:
             cfg.influx.batch_size,
             backoff=Backoff(0.5, cfg.influx.reconnect_max_s),
             linger_s=cfg.influx.flush_interval_s,
+            offload=True,  # a backlog is read and rendered by a worker process: its GIL is not the live data's
         )
         self.received = 0
         self.profile = cfg.alarms.build()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import logging
@@ -60,6 +61,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+GC_THRESHOLD_0 = 10_000  # young-generation threshold in the gateway process (Python's default: 700)
 HEX_TOKEN = re.compile(r"(?:0x)?([0-9a-fA-F]{2})")
 
 
@@ -127,6 +129,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     # default 5 ms switch interval would add that much, several times over, to every live reading on the loop
     # (docs/benchmarks.md: no measurable CPU cost).
     sys.setswitchinterval(0.0001)
+    # A backlog batch keeps thousands of decoded records alive at once; with the default thresholds they are promoted
+    # into the old generation and full collections (up to 50 ms, all threads stopped) land on live readings. Records
+    # hold no reference cycles, so collections can be rarer; what start-up made is frozen out of every scan.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD_0, 10, 10)
 
     async def main() -> None:
         stop = asyncio.Event()

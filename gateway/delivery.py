@@ -8,14 +8,31 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import multiprocessing
+import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
 
 from gateway.backoff import Backoff
 from gateway.outbox import Item, Outbox
-from gateway.sinks import Outcome, Sink, SinkUnavailable
+from gateway.sinks import Outcome, Prerenderable, Sink, SinkUnavailable
 
 log = logging.getLogger(__name__)
+
+
+def _exit_with_parent() -> None:
+    """In a worker process: leave when the gateway is gone. A pool's workers outlive a SIGKILLed parent otherwise
+    (each holds both ends of its own task queue, so it never reads an end of file)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class SinkWorker:
@@ -28,7 +45,10 @@ class SinkWorker:
         backoff: Backoff | None = None,
         linger_s: float = 0.0,
         backlog_share: float = 1.0,
+        offload: bool = False,
     ) -> None:
+        # A backlog is read, decoded and rendered by a worker process (sinks that are Prerenderable: InfluxDB).
+        self.offload = offload
         # The share of time a backlog may keep this sink busy while live data flows (MQTT: publishing is all on the
         # event loop, so an unpaced replay would leave live readings queueing behind it).
         self.backlog_share = backlog_share
@@ -43,6 +63,7 @@ class SinkWorker:
         self.connected = False
         self.last_error = ""
         self.delivered = 0
+        self.offloaded = 0  # of `delivered`: rendered by the worker process
         self.rejected = 0
 
     async def run(self) -> None:
@@ -107,24 +128,66 @@ class SinkWorker:
                     await self.outbox.wait_new(self.name, max_wait_s=0.2)
 
         sending = asyncio.create_task(live(), name=f"{self.name}-live")
+        pool = self._offload_pool(sink)
         try:
-            while backlog := await self.outbox.read_range(
-                await self.outbox.cursor(self.name), live_from, self.batch_size
-            ):
+            while await self._send_backlog(sink, live_from, pool):
                 if sending.done():
                     sending.result()  # the live side lost the sink: raise its error here
-                began = time.monotonic()
-                await self._settle(sink, backlog)
-                if self.backlog_share < 1.0:
-                    busy = time.monotonic() - began
-                    await asyncio.sleep(busy * (1.0 - self.backlog_share) / self.backlog_share)
             stop.set()
             await sending  # lets its batch finish, so live_sent is exact
         finally:
             if not sending.done():
                 sending.cancel()
                 await asyncio.gather(sending, return_exceptions=True)
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         await self.outbox.ack(self.name, live_sent)
+
+    def _offload_pool(self, sink: Sink) -> ProcessPoolExecutor | None:
+        if not (self.offload and isinstance(sink, Prerenderable)):
+            return None
+        # spawn: a fork of a process with running threads may inherit a held lock; the child only imports the sink
+        context = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_exit_with_parent)
+
+    async def _send_backlog(self, sink: Sink, live_from: int, pool: ProcessPoolExecutor | None) -> bool:
+        """One backlog batch below `live_from`, oldest first; False when the backlog is through."""
+        began = time.monotonic()
+        cursor = await self.outbox.cursor(self.name)
+        sent = None
+        if pool is not None and isinstance(sink, Prerenderable):
+            sent = await self._send_rendered(sink, pool, cursor, live_from)
+        if sent is None:
+            backlog = await self.outbox.read_range(cursor, live_from, self.batch_size)
+            if backlog:
+                await self._settle(sink, backlog)
+            sent = bool(backlog)
+        if sent and self.backlog_share < 1.0:
+            busy = time.monotonic() - began
+            await asyncio.sleep(busy * (1.0 - self.backlog_share) / self.backlog_share)
+        return sent
+
+    async def _send_rendered(
+        self, sink: Prerenderable, pool: ProcessPoolExecutor, cursor: int, live_from: int
+    ) -> bool | None:
+        """The batch after `cursor`, read and rendered by the worker process; None: send it the usual way."""
+        try:
+            rendered = await self.outbox.map_range(pool, sink.render, cursor, live_from, self.batch_size)
+        except Exception as exc:  # a dead worker, or a record it could not render
+            log.warning("%s: rendering the backlog in a worker failed (%r); rendering here", self.name, exc)
+            return None
+        if rendered is None:
+            return False
+        last_id, count, body = rendered
+        result = await sink.write_rendered(body)
+        if result.outcome is Outcome.ACCEPTED:
+            await self.outbox.ack(self.name, last_id)
+            self.delivered += count
+            self.offloaded += count
+            return True
+        if result.outcome is Outcome.REJECTED:
+            return None  # find the poison record by record, in this process
+        raise SinkUnavailable(result.reason)
 
     async def _settle(self, sink: Sink, items: list[Item], advance: bool = True) -> None:
         result = await sink.write([it.record for it in items])

@@ -19,7 +19,8 @@ import json
 import logging
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,6 +52,31 @@ CREATE TABLE IF NOT EXISTS rejected (
 class Item:
     id: int
     record: dict[str, Any]
+
+
+def _select_range(db: sqlite3.Connection, after_id: int, before_id: int | None, limit: int) -> list[tuple[int, str]]:
+    upper = before_id if before_id is not None else 2**62
+    rows: list[tuple[int, str]] = db.execute(
+        "SELECT id, body FROM records WHERE id > ? AND id < ? ORDER BY id LIMIT ?", (after_id, upper, limit)
+    ).fetchall()
+    return rows
+
+
+_worker_dbs: dict[str, sqlite3.Connection] = {}  # map_rows' connections, one per outbox file in a worker process
+
+
+def map_rows(
+    path: str, fn: Callable[[list[dict[str, Any]]], T], after_id: int, before_id: int | None, limit: int
+) -> tuple[int, int, T] | None:
+    """Run in a worker process (Outbox.map_range): read and decode a range and apply `fn` to it there, so the
+    gateway's interpreter (and its GIL) never holds the records. (last id, record count, fn's result), or None."""
+    db = _worker_dbs.get(path)
+    if db is None:
+        db = _worker_dbs[path] = sqlite3.connect(path, timeout=5.0)  # reads only: WAL lets it beside the writer
+    rows = _select_range(db, after_id, before_id, limit)
+    if not rows:
+        return None
+    return rows[-1][0], len(rows), fn([json.loads(body) for _id, body in rows])
 
 
 class Outbox:
@@ -265,11 +291,20 @@ class Outbox:
         return items
 
     def _read_range_sync(self, after_id: int, before_id: int | None, limit: int) -> list[Item]:
-        upper = before_id if before_id is not None else 2**62
-        rows = self._reader.execute(
-            "SELECT id, body FROM records WHERE id > ? AND id < ? ORDER BY id LIMIT ?", (after_id, upper, limit)
-        ).fetchall()
+        rows = _select_range(self._reader, after_id, before_id, limit)
         return [Item(i, json.loads(body)) for i, body in rows]  # decoded here, not on the event loop
+
+    async def map_range(
+        self,
+        executor: Executor,
+        fn: Callable[[list[dict[str, Any]]], T],
+        after_id: int,
+        before_id: int | None,
+        limit: int,
+    ) -> tuple[int, int, T] | None:
+        """`fn` of the records read_range would return, computed in `executor` (a process pool: see map_rows)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, map_rows, str(self.path), fn, after_id, before_id, limit)
 
     async def cursor(self, sink: str) -> int:
         return self._cursors[sink]

@@ -6,9 +6,10 @@ It turns its library's errors into ours: SinkUnavailable (retry later, reconnect
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, runtime_checkable
 
 
 class Outcome(StrEnum):
@@ -39,3 +40,14 @@ class Sink(Protocol):
     async def __aexit__(self, *exc: object) -> None: ...
 
     async def write(self, batch: list[dict[str, Any]]) -> WriteResult: ...
+
+
+@runtime_checkable
+class Prerenderable(Protocol):
+    """A sink whose request body can be rendered elsewhere: `render` (a module-level function, so a process pool can
+    run it) turns a batch into what `write_rendered` sends. A backlog of thousands of records is then decoded and
+    rendered outside the gateway's interpreter, and live readings do not queue for its GIL."""
+
+    render: Callable[[list[dict[str, Any]]], Any]
+
+    async def write_rendered(self, rendered: Any) -> WriteResult: ...

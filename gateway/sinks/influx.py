@@ -87,6 +87,12 @@ def to_lines(batch: list[dict[str, Any]]) -> list[str]:
     return [p.to_line_protocol() for p in map(to_point, batch) if p is not None]
 
 
+def render_body(batch: list[dict[str, Any]]) -> tuple[int, str]:
+    """(points, request body) of a batch: module-level, so a process pool can run it for a backlog."""
+    lines = to_lines(batch)
+    return len(lines), "\n".join(lines)
+
+
 def _classify(status: int, body: str) -> WriteResult:
     """4xx means the data or the request is wrong (retrying cannot help); 5xx and 429 mean try later."""
     if status < 400 or status == 429 or status >= 500:
@@ -141,18 +147,24 @@ class InfluxSink:
             await self._http.close()
             self._http = None
 
+    # A backlog's batches are rendered by this in a worker process (SinkWorker, offload=True), then sent whole.
+    render = staticmethod(render_body)
+
     async def write(self, batch: list[dict[str, Any]]) -> WriteResult:
-        # Thousands of points of a backlog take a while to render: off the event loop, so live data keeps flowing.
-        lines = to_lines(batch) if len(batch) < 200 else await asyncio.to_thread(to_lines, batch)
-        if not lines:
+        # Thousands of points take a while to render: off the event loop, so live data keeps flowing.
+        points, body = render_body(batch) if len(batch) < 200 else await asyncio.to_thread(render_body, batch)
+        return await self.write_rendered((points, body))
+
+    async def write_rendered(self, rendered: tuple[int, str]) -> WriteResult:
+        points, body = rendered
+        if not points:
             return ACCEPTED
-        body = "\n".join(lines)
         try:
             result = await (self._write_v2(body) if self._v2 is not None else self._write_v1(body))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SinkUnavailable(f"InfluxDB {self.cfg.url} unreachable: {exc!r}") from exc
         if result.outcome is Outcome.ACCEPTED:
-            self.written += len(lines)
+            self.written += points
         return result
 
     async def _write_v1(self, body: str) -> WriteResult:

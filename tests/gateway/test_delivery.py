@@ -11,10 +11,11 @@ from typing import Any
 
 from devices.base import Reading
 from devices.registry import get_model
-from gateway.config import MqttSection
+from gateway.config import InfluxSection, MqttSection
 from gateway.delivery import SinkWorker
 from gateway.outbox import Outbox
 from gateway.records import origin_for, reading_record
+from gateway.sinks.influx import InfluxSink
 from gateway.sinks.mqtt import MqttSink, subscribe
 from tests.helpers import wait_for
 
@@ -68,4 +69,39 @@ async def test_live_records_overtake_the_backlog_and_nothing_is_lost(tmp_path: P
         working.cancel()
         collecting.cancel()
         await asyncio.gather(working, collecting, return_exceptions=True)
+        await box.close()
+
+
+async def test_an_influx_backlog_rendered_by_a_worker_process_is_stored_once_and_its_poison_set_aside(
+    tmp_path: Path, influxd: Any, influx_db: str
+) -> None:
+    box = Outbox(tmp_path / "outbox.sqlite3", sinks=("influx",))
+    await box.open()
+    origin = origin_for("s", "backlog", "ox", get_model("masimo-ascii1").spec)
+    start, n, poison = time.time() - 3600, 1200, 700
+    for i in range(n):
+        record = reading_record(origin, i + 1, start + i, Reading({"spo2": 97}, device_time="2026-01-01T10:00:00"))
+        if i == poison:  # a float where every other point has a string: influxd refuses it (field type conflict)
+            record["metrics"]["device_time"], record["device_time"] = 1.0, None
+        box.put("backlog/ox", i + 1, record)
+    await box.flush()
+    head = await box.head()
+
+    cfg = InfluxSection(api="v1", url=influxd.url, database=influx_db)
+    worker = SinkWorker(box, lambda: InfluxSink(cfg), "influx", batch_size=500, offload=True)
+    working = asyncio.create_task(worker.run())
+
+    def stored() -> list[int]:
+        rows = influxd.query(influx_db, 'SELECT "seq" FROM "vitals"')
+        return [int(v[1]) for v in rows[0]["values"]] if rows else []
+
+    try:
+        await wait_for(lambda: worker.delivered + worker.rejected == n, 60)
+        assert sorted(stored()) == [i + 1 for i in range(n) if i != poison]  # each once, the poison aside
+        assert worker.rejected == 1 and await box.rejected_count() == 1
+        assert worker.offloaded >= n - 500  # only the batch holding the poison went the in-process way
+        assert await box.cursor("influx") == head
+    finally:
+        working.cancel()
+        await asyncio.gather(working, return_exceptions=True)
         await box.close()
