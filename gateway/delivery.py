@@ -6,6 +6,7 @@ Retry and reconnect live here (and in sessions), nowhere else: a sink only repor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import multiprocessing
@@ -13,16 +14,17 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from gateway.backoff import Backoff
 from gateway.outbox import Item, Outbox
 from gateway.sinks import Outcome, Prerenderable, Sink, SinkUnavailable
 
 log = logging.getLogger(__name__)
+NICE = 10  # the backlog renderer's priority below the gateway's
 
 
-def _exit_with_parent() -> None:
+def _init_worker() -> None:
     """In a worker process: leave when the gateway is gone. A pool's workers outlive a SIGKILLed parent otherwise
     (each holds both ends of its own task queue, so it never reads an end of file)."""
     parent = os.getppid()
@@ -128,7 +130,7 @@ class SinkWorker:
                     await self.outbox.wait_new(self.name, max_wait_s=0.2)
 
         sending = asyncio.create_task(live(), name=f"{self.name}-live")
-        pool = self._offload_pool(sink)
+        pool = await self._offload_pool(sink)
         try:
             while await self._send_backlog(sink, live_from, pool):
                 if sending.done():
@@ -143,12 +145,25 @@ class SinkWorker:
                 pool.shutdown(wait=False, cancel_futures=True)
         await self.outbox.ack(self.name, live_sent)
 
-    def _offload_pool(self, sink: Sink) -> ProcessPoolExecutor | None:
+    async def _offload_pool(self, sink: Sink) -> ProcessPoolExecutor | None:
         if not (self.offload and isinstance(sink, Prerenderable)):
             return None
         # spawn: a fork of a process with running threads may inherit a held lock; the child only imports the sink
         context = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_exit_with_parent)
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_init_worker)
+
+        def start() -> None:
+            # The first submit starts the worker, multiprocessing's resource tracker and the pool's manager thread
+            # from this thread. Niced first (on Linux that is this thread only, and what it starts inherits it): a
+            # replay can wait, a live reading should not, and two interpreters starting at once on a small room PC
+            # had stalled one by tens of ms.
+            with contextlib.suppress(OSError):
+                os.nice(NICE)
+            pool.submit(os.getpid).result()
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-offload") as starter:
+            await asyncio.get_running_loop().run_in_executor(starter, start)
+        return pool
 
     async def _send_backlog(self, sink: Sink, live_from: int, pool: ProcessPoolExecutor | None) -> bool:
         """One backlog batch below `live_from`, oldest first; False when the backlog is through."""
