@@ -97,7 +97,9 @@ def main() -> None:
         f"  InfluxDB {row['influx_readings_per_s']} readings/s ({influx_share} of the raw batched limit), "
         f"MQTT {row['mqtt_readings_per_s']} readings/s "
         f"({round(row['mqtt_readings_per_s'] / lim['mqtt_qos1_100_in_flight_per_s'], 3)} of the raw limit), "
-        f"live meanwhile {row['live_during_drain']}"
+        f"live meanwhile {row['live_during_drain']} "
+        f"(p99 {round(row['live_during_drain']['p99_ms'] / PEER_LATENCY_P99_MS, 2)}x the peer's 4 ms; while InfluxDB "
+        f"drains {row['live_while_influx_drains']}, after {row['live_after_influx_drained']})"
     )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench-{results['started'].replace(':', '')}.json"
