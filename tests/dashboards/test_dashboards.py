@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from aiohttp import web
@@ -25,7 +25,15 @@ from dashboards.build import GENERATED_DIR, build_all, panel_queries, to_text, w
 from dashboards.push import GrafanaPushError, main_build, push
 from devices.base import DeviceState, DeviceStatus, Reading
 from devices.registry import get_model
-from gateway.alarms import EXAMPLE_KETAMINE_PROFILE, AlarmEvent, AlarmProfile, SessionEvent, ThresholdRule
+from gateway.alarms import (
+    EXAMPLE_KETAMINE_PROFILE,
+    AlarmEvent,
+    AlarmProfile,
+    Priority,
+    SessionEvent,
+    ThresholdRule,
+    Transition,
+)
 from gateway.records import (
     alarm_record,
     gateway_origin,
@@ -105,7 +113,7 @@ def test_wall_thresholds_come_from_the_profile() -> None:
     assert _steps(_panel(wall, "SpO2")) == [(None, "red"), (85, "yellow"), (93, "green")]
     # above = 120 is violated for v > 120: the step sits at the next float above 120, so 120 itself stays green
     (base, (step, colour)) = _steps(_panel(wall, "Pulse"))
-    assert base == (None, "green") and colour == "blue" and 120 < step < 120.000001
+    assert base == (None, "green") and colour == "blue" and step is not None and 120 < step < 120.000001
     # a room-specific rule cannot colour a panel repeated for every room: it is left out, not misapplied
     assert all(v is None or v > 100 for v, _ in _steps(_panel(wall, "Pulse")))
 
@@ -137,7 +145,8 @@ def _override_steps(panel: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 def _panel(board: dict[str, Any], title: str) -> dict[str, Any]:
     (panel,) = [p for p in board["panels"] if p.get("title") == title]
-    return panel
+    found: dict[str, Any] = panel
+    return found
 
 
 # --- every query against the real InfluxDB -------------------------------------------------------------------
@@ -169,8 +178,12 @@ def _points(now: float) -> str:
         records.append(reading_record(ox2, nxt(), now - i, Reading({"spo2": 95.0, "pulse_rate": 80.0})))
     records.append(status_record(ox2, nxt(), now - 55, DeviceStatus(DeviceState.NO_DATA)))
 
-    def alarm(origin: dict[str, str], rule: str, priority: str, transition: str, ago: float, **extra: Any) -> None:
-        kind = "technical" if rule in ("no_data", "broker_lost", "outbox_filling") else "physiological"
+    def alarm(
+        origin: dict[str, str], rule: str, priority: Priority, transition: Transition, ago: float, **extra: Any
+    ) -> None:
+        kind: Literal["physiological", "technical"] = (
+            "technical" if rule in ("no_data", "broker_lost", "outbox_filling") else "physiological"
+        )
         room, device = origin["room"], origin["device"]
         event = AlarmEvent(
             f"{room}/{device}/{rule}",
@@ -338,7 +351,7 @@ class StandInGrafana:
         self.url = ""
 
     async def handle(self, request: web.Request) -> web.Response:
-        body = await request.json() if request.can_read_body else None
+        body: Any = await request.json() if request.can_read_body else None
         self.requests.append((request.method, request.path, dict(request.headers), body))
         if self.status != 200:
             return web.json_response({"message": "invalid API key"}, status=self.status)

@@ -3,6 +3,8 @@ technical alarms, acknowledge, latching, escalation and session baselines."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 from pydantic import ValidationError
 
@@ -27,15 +29,15 @@ def engine(*rules: ThresholdRule, **tech: TechnicalRule) -> AlarmEngine:
     return AlarmEngine(AlarmProfile(rules=rules, technical=TechnicalRules(**tech)))
 
 
-def alarms(events: list[AlarmEvent | SessionEvent]) -> list[tuple[str, str]]:
+def alarms(events: Sequence[AlarmEvent | SessionEvent]) -> list[tuple[str, str]]:
     return [(e.rule, e.transition) for e in events if isinstance(e, AlarmEvent)]
 
 
 def feed(
-    eng: AlarmEngine, values: list[float], start: float = 0.0, step: float = 1.0, ok: bool = True
+    eng: AlarmEngine, values: Sequence[float], start: float = 0.0, step: float = 1.0, ok: bool = True
 ) -> list[tuple[float, str, str]]:
     """One spo2 reading per `step` seconds; returns (time, rule, transition) of every alarm event."""
-    out = []
+    out: list[tuple[float, str, str]] = []
     for i, v in enumerate(values):
         now = start + i * step
         for e in eng.on_reading("3", "ox", {"spo2": v}, ok, now) + eng.tick(now):

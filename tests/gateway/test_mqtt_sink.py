@@ -13,7 +13,7 @@ from typing import Any
 
 from devices.base import DeviceState, DeviceStatus
 from devices.registry import get_model
-from gateway.alarms import AlarmEvent
+from gateway.alarms import AlarmEvent, Transition
 from gateway.config import MqttSection
 from gateway.records import alarm_record, origin_for, status_record
 from gateway.sinks.mqtt import MqttSink, subscribe
@@ -23,7 +23,7 @@ ORIGIN = origin_for("site", "3", "oximeter", get_model("masimo-ascii1").spec)
 ACTIVE = "infusion/site/3/alarms/active/oximeter/spo2-low"
 
 
-def alarm(seq: int, at: float, transition: str, active: bool) -> dict[str, Any]:
+def alarm(seq: int, at: float, transition: Transition, active: bool) -> dict[str, Any]:
     event = AlarmEvent(
         alarm_id="3/oximeter/spo2-low", room="3", device="oximeter", rule="spo2-low", kind="physiological",
         priority="high", transition=transition, active=active, time=at, metric="spo2", value=85, limit=90,

@@ -8,7 +8,7 @@ import os
 import tty
 from pathlib import Path
 
-from devices.base import DeviceState, DeviceStatus, Reading
+from devices.base import DeviceState, DeviceStatus, Reading, Waveform
 from gateway.config import DeviceConfig
 from gateway.session import DeviceSession
 from tests.helpers import wait_for
@@ -29,7 +29,7 @@ def open_pty(link: Path) -> tuple[int, int]:
 async def test_session_decodes_watches_silence_and_survives_unplug(tmp_path: Path) -> None:
     link = tmp_path / "by-id-oximeter"
     master, slave = open_pty(link)
-    seen: list[Reading | DeviceStatus] = []
+    seen: list[Reading | DeviceStatus | Waveform] = []
     cfg = DeviceConfig(room="1", name="ox", model="masimo-ascii1", port=str(link), stale_after_s=0.6)
     session = DeviceSession(cfg, lambda _s, event, _t: seen.append(event))
     task = asyncio.create_task(session.run())

@@ -208,7 +208,10 @@ async def test_unplugged_pty_gives_disconnected_status_then_recovers(
         stderr=subprocess.DEVNULL,
     )
     try:
-        states = lambda: [m["state"] for m in collector.of_type("status")]  # noqa: E731
+
+        def states() -> list[str]:
+            return [m["state"] for m in collector.of_type("status")]
+
         await wait_for(lambda: "connected" in states(), 20)
         sim = DeviceSimulator(model, load_scenario("baseline"), seed=1, speed=20.0)
         await sim.run(endpoint.write, duration_s=None, count=5)
