@@ -24,10 +24,10 @@ log = logging.getLogger(__name__)
 NICE = 10  # the backlog renderer's priority below the gateway's
 
 
-def _init_worker() -> None:
-    """In a worker process: leave when the gateway is gone. A pool's workers outlive a SIGKILLed parent otherwise
-    (each holds both ends of its own task queue, so it never reads an end of file)."""
-    parent = os.getppid()
+def _init_worker(parent: int) -> None:
+    """In a worker process: leave when the gateway (pid `parent`, given, since it may be gone before this runs) is
+    gone. A pool's workers outlive a SIGKILLed parent otherwise (each holds both ends of its own task queue, so it
+    never reads an end of file)."""
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -67,9 +67,19 @@ class SinkWorker:
         self.delivered = 0
         self.offloaded = 0  # of `delivered`: rendered by the worker process
         self.rejected = 0
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_ready: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self._close_pool()
+
+    async def _run(self) -> None:
         while True:
+            if await self.outbox.head() - await self.outbox.cursor(self.name) > self.batch_size:
+                self._prepare_pool()  # a backlog from the last run
             try:
                 async with self.factory() as sink:
                     self.sink, self.connected, self.last_error = sink, True, ""
@@ -80,6 +90,7 @@ class SinkWorker:
                 delay = self.backoff.next()
                 log.warning("%s unavailable (%s); retrying in %.1f s", self.name, exc, delay)
                 self.connected = False
+                self._prepare_pool()  # a backlog is building up: its renderer starts now, not when the sink is back
                 await asyncio.sleep(delay)
             finally:
                 self.sink, self.connected = None, False
@@ -94,6 +105,8 @@ class SinkWorker:
                 await self._drain_live_first(sink, head + 1)
                 log.info("%s: backlog delivered", self.name)
                 continue
+            if self._pool is not None:
+                self._close_pool()  # prepared for an outage that left less than a batch behind
             items = await self._lingered(lambda: self.outbox.read(self.name, self.batch_size))
             if not items:
                 await self.outbox.wait_new(self.name, max_wait_s=5.0)
@@ -130,7 +143,7 @@ class SinkWorker:
                     await self.outbox.wait_new(self.name, max_wait_s=0.2)
 
         sending = asyncio.create_task(live(), name=f"{self.name}-live")
-        pool = await self._offload_pool(sink)
+        pool = await self._ready_pool() if isinstance(sink, Prerenderable) else None
         try:
             while await self._send_backlog(sink, live_from, pool):
                 if sending.done():
@@ -141,29 +154,58 @@ class SinkWorker:
             if not sending.done():
                 sending.cancel()
                 await asyncio.gather(sending, return_exceptions=True)
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        self._close_pool()  # the backlog is through (after an error it stays for the next attempt)
         await self.outbox.ack(self.name, live_sent)
 
-    async def _offload_pool(self, sink: Sink) -> ProcessPoolExecutor | None:
-        if not (self.offload and isinstance(sink, Prerenderable)):
-            return None
+    @property
+    def renderer_running(self) -> bool:
+        return self._pool is not None
+
+    def _prepare_pool(self) -> None:
+        """Start the backlog renderer (offload=True) ahead of the drain: its start-up, two interpreters on what may
+        be a two-core room PC, then happens while there is an outage to wait out, not under the first live readings
+        of the drain."""
+        if not self.offload or self._pool is not None:
+            return
         # spawn: a fork of a process with running threads may inherit a held lock; the child only imports the sink
         context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_init_worker)
+        pool = self._pool = ProcessPoolExecutor(
+            max_workers=1, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)
+        )
 
         def start() -> None:
             # The first submit starts the worker, multiprocessing's resource tracker and the pool's manager thread
             # from this thread. Niced first (on Linux that is this thread only, and what it starts inherits it): a
-            # replay can wait, a live reading should not, and two interpreters starting at once on a small room PC
-            # had stalled one by tens of ms.
+            # replay can wait, a live reading should not.
             with contextlib.suppress(OSError):
                 os.nice(NICE)
             pool.submit(os.getpid).result()
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-offload") as starter:
-            await asyncio.get_running_loop().run_in_executor(starter, start)
-        return pool
+        async def started() -> None:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-offload") as starter:
+                await asyncio.get_running_loop().run_in_executor(starter, start)
+
+        self._pool_ready = asyncio.create_task(started(), name=f"{self.name}-renderer")
+
+    async def _ready_pool(self) -> ProcessPoolExecutor | None:
+        """The started renderer, or None (offload off, or it could not start: the backlog is rendered here)."""
+        self._prepare_pool()
+        if self._pool_ready is None:
+            return None
+        try:
+            await asyncio.shield(self._pool_ready)
+        except Exception as exc:
+            log.warning("%s: the backlog renderer did not start (%r); rendering here", self.name, exc)
+            self._close_pool()
+            return None
+        return self._pool
+
+    def _close_pool(self) -> None:
+        if self._pool_ready is not None and not self._pool_ready.done():
+            self._pool_ready.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool, self._pool_ready = None, None
 
     async def _send_backlog(self, sink: Sink, live_from: int, pool: ProcessPoolExecutor | None) -> bool:
         """One backlog batch below `live_from`, oldest first; False when the backlog is through."""

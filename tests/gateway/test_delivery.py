@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from devices.base import Reading
 from devices.registry import get_model
@@ -101,7 +107,70 @@ async def test_an_influx_backlog_rendered_by_a_worker_process_is_stored_once_and
         assert worker.rejected == 1 and await box.rejected_count() == 1
         assert worker.offloaded >= n - 500  # only the batch holding the poison went the in-process way
         assert await box.cursor("influx") == head
+        await wait_for(lambda: not worker.renderer_running, 5)  # the renderer process ends with the backlog
     finally:
         working.cancel()
         await asyncio.gather(working, return_exceptions=True)
         await box.close()
+
+
+KILLED_WHILE_RENDERING = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from gateway.delivery import SinkWorker
+from gateway.outbox import Outbox
+from gateway.sinks.influx import InfluxSink
+
+def children() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+                found.append(int(entry.name))
+    return found
+
+async def main() -> None:
+    worker = SinkWorker(Outbox(Path(sys.argv[1]), ("influx",)), InfluxSink, "influx", offload=True)
+    worker._prepare_pool()
+    if sys.argv[2] == "started":
+        await worker._ready_pool()
+    else:  # the gateway dies as soon as the renderer process exists, while it is still importing
+        while not any(b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children()):
+            await asyncio.sleep(0.001)
+    print(" ".join(map(str, children())), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if __name__ == "__main__":  # the renderer is spawned: it imports this file again
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("when", ["starting", "started"])
+def test_the_renderer_process_does_not_outlive_a_killed_gateway(tmp_path: Path, when: str) -> None:
+    script = tmp_path / "gateway_stand_in.py"
+    script.write_text(KILLED_WHILE_RENDERING)
+    out, err = tmp_path / "out", tmp_path / "err"
+    with out.open("w") as stdout, err.open("w") as stderr:  # files: a pipe would wait for the orphans holding it
+        result = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "outbox.sqlite3"), when],
+            stdout=stdout,
+            stderr=stderr,
+            timeout=30,
+            cwd=Path(__file__).parents[2],
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+            check=False,
+        )
+    assert result.returncode == -signal.SIGKILL, err.read_text()
+    pids = [int(p) for p in out.read_text().split()]
+    assert pids, "the renderer (and multiprocessing's resource tracker) should have been started"
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)  # leave nothing behind, then fail
+    assert not alive, f"still running after the gateway was killed: {alive}"
