@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.localservices import find_free_port
+
 
 @dataclass(frozen=True)
 class PtyPair:
@@ -75,3 +77,37 @@ def stop_gateway(proc: subprocess.Popen[bytes], timeout: float = 20) -> str:
         proc.kill()
         out = proc.communicate()[0]
     return (out or b"").decode(errors="replace")
+
+
+def write_gateway_config(
+    tmp_path: Path,
+    gateway_id: str,
+    mqtt_port: int,
+    influx_url: str,
+    db: str,
+    devices: str,
+    health_port: int = 0,
+    gateway_extra: str = "",
+) -> Path:
+    """tmp_path/gateway.toml for the real services of the fixtures (site "test-site"), with the given [[devices]]
+    (and what follows them), `gateway_extra` lines in [gateway], and a free health port unless one is given."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f"""
+[gateway]
+site = "test-site"
+id = "{gateway_id}"
+data_dir = "{tmp_path / "data"}"
+health_port = {health_port or find_free_port()}
+{gateway_extra}
+[mqtt]
+host = "127.0.0.1"
+port = {mqtt_port}
+[influx]
+api = "v1"
+url = "{influx_url}"
+database = "{db}"
+{devices}
+"""
+    )
+    return path

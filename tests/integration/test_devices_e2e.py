@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import MqttSection
-from gateway.localservices import find_free_port
 from gateway.sinks.mqtt import subscribe
-from tests.helpers import start_gateway, stop_gateway, wait_for
+from tests.helpers import start_gateway, stop_gateway, wait_for, write_gateway_config
 
 
 @contextmanager
@@ -59,21 +58,13 @@ async def test_nonin_format_contec_start_and_scheduled_nibp_over_real_ptys(
 ) -> None:
     nonin, contec, rooms = tmp_path / "nonin", tmp_path / "contec", tmp_path / "rooms"
     cuff = rooms / "room-5" / "cuff"
-    config = tmp_path / "gateway.toml"
-    config.write_text(
+    config = write_gateway_config(
+        tmp_path,
+        "gw-devices",
+        mosquitto.port,
+        influxd.url,
+        influx_db,
         f"""
-[gateway]
-site = "test-site"
-id = "gw-devices"
-data_dir = "{tmp_path / "data"}"
-health_port = {find_free_port()}
-[mqtt]
-host = "127.0.0.1"
-port = {mosquitto.port}
-[influx]
-api = "v1"
-url = "{influxd.url}"
-database = "{influx_db}"
 [[devices]]
 room = "5"
 name = "nonin"
@@ -90,7 +81,7 @@ name = "cuff"
 model = "suntech-advantage"
 port = "{cuff}"
 measure_every_s = 60
-"""
+""",
     )
     readings: dict[str, list[dict[str, Any]]] = {"nonin": [], "contec": [], "cuff": []}
 

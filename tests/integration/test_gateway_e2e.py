@@ -24,7 +24,7 @@ from gateway.records import GatewayStatusMessage, ReadingMessage, StatusMessage
 from gateway.sinks.mqtt import subscribe
 from simulators.scenarios import load_scenario
 from simulators.serve import DeviceSimulator, PtyEndpoint
-from tests.helpers import start_gateway, stop_gateway, wait_for
+from tests.helpers import start_gateway, stop_gateway, wait_for, write_gateway_config
 
 N = 40
 
@@ -32,34 +32,11 @@ N = 40
 def write_config(
     tmp_path: Path, mqtt_port: int, influx_url: str, db: str, port: Path, extra: str = "", health_port: int = 0
 ) -> Path:
-    path = tmp_path / "gateway.toml"
-    path.write_text(
-        f"""
-[gateway]
-site = "test-site"
-id = "gw-e2e"
-data_dir = "{tmp_path / "data"}"
-status_interval_s = 1
-health_port = {health_port or find_free_port()}
-
-[mqtt]
-host = "127.0.0.1"
-port = {mqtt_port}
-
-[influx]
-api = "v1"
-url = "{influx_url}"
-database = "{db}"
-
-[[devices]]
-room = "7"
-name = "oximeter"
-model = "masimo-ascii1"
-port = "{port}"
-{extra}
-"""
+    """One Masimo oximeter in room 7 on `port`; `extra` follows its [[devices]] table."""
+    device = f'[[devices]]\nroom = "7"\nname = "oximeter"\nmodel = "masimo-ascii1"\nport = "{port}"\n{extra}'
+    return write_gateway_config(
+        tmp_path, "gw-e2e", mqtt_port, influx_url, db, device, health_port, gateway_extra="status_interval_s = 1"
     )
-    return path
 
 
 class Collector:

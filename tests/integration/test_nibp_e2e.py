@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import MqttSection
-from gateway.localservices import find_free_port
 from gateway.sinks.mqtt import request, subscribe
 from simulators.serve import serve
-from tests.helpers import start_gateway, stop_gateway, wait_for
+from tests.helpers import start_gateway, stop_gateway, wait_for, write_gateway_config
 
 CRISIS = """
 description = "above 180/110 for a minute, then back to 130/85"
@@ -47,27 +46,19 @@ async def test_hypertensive_crisis_raises_latching_alarms_that_clear_after_ackno
     scenario = tmp_path / "crisis.toml"
     scenario.write_text(CRISIS)
     link = tmp_path / "room7-cuff"
-    config = tmp_path / "gateway.toml"
-    config.write_text(
+    config = write_gateway_config(
+        tmp_path,
+        "gw-nibp",
+        mosquitto.port,
+        influxd.url,
+        influx_db,
         f"""
-[gateway]
-site = "test-site"
-id = "gw-nibp"
-data_dir = "{tmp_path / "data"}"
-health_port = {find_free_port()}
-[mqtt]
-host = "127.0.0.1"
-port = {mosquitto.port}
-[influx]
-api = "v1"
-url = "{influxd.url}"
-database = "{influx_db}"
 [[devices]]
 room = "7"
 name = "cuff"
 model = "suntech-advantage"
 port = "{link}"
-"""
+""",
     )
     mqtt = MqttSection(host="127.0.0.1", port=mosquitto.port)
     seen: list[dict[str, Any]] = []
