@@ -114,8 +114,10 @@ class ContecDriver(FramedDriver):
         start = 0
         while start < len(buf) and not (buf[start] == REALTIME and (len(buf) - start < 2 or buf[start + 1] & 0x80)):
             start += 1
-        if start == len(buf):
-            return 0, []  # a run of noise is reported whole once a packet start follows (or at flush)
+        if len(buf) - start < 2:
+            # A run of noise is reported whole once a packet start follows (or at flush); a 0x01 as the last byte
+            # may be one or may be noise, which only the next byte tells: wait for it, whatever the split.
+            return 0, []
         if start:
             return start, [ProtocolError(ErrorKind.RESYNC, "bytes before a real-time packet", buf[:start])]
         if len(buf) < PACKET:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from devices.base import DeviceState, DeviceStatus, Reading, Sample
-from devices.contec_cms50 import KEEPALIVE, START, STOP, ContecDriver, ContecEmulator, command
+from devices.base import DeviceState, DeviceStatus, Reading, Sample, event_to_dict
+from devices.contec_cms50 import KEEPALIVE, START, STOP, ContecDriver, ContecEmulator, command, encode
 
 SAMPLE = Sample({"spo2": 97, "pulse_rate": 150, "perfusion_index": 2.5})
 
@@ -44,3 +44,19 @@ def test_values_survive_the_high_bit_encoding() -> None:
     assert reading.metrics == {"spo2": 97, "pulse_rate": 150, "perfusion_index": 2.5}  # 150 needs bit 7
     off = ContecDriver().feed(encode(Sample({"spo2": 97}, conditions=frozenset({"probe_off"}))), 0.0)
     assert isinstance(off[0], DeviceStatus) and off[0].state == DeviceState.PROBE_OFF
+
+
+def test_noise_ending_in_0x01_is_reported_the_same_whatever_the_split() -> None:
+    """Found by hypothesis in CI: a read that ended on a 0x01 (a packet start, or noise) reported the noise before it
+    early, so a split stream gave two resync errors where a whole one gave one."""
+    packet = encode(Sample({"spo2": 97, "pulse_rate": 72}))
+    stream = b"\x00" * 4 + packet + b"\x00" * 4 + b"\x01" + packet
+
+    def events(*chunks: bytes) -> list[dict[str, object]]:
+        driver = ContecDriver()
+        return [event_to_dict(e) for chunk in chunks for e in driver.feed(chunk, 0.0)]
+
+    whole = events(stream)
+    assert events(stream[:18], stream[18:]) == whole
+    assert [e["dropped"] for e in whole if e["type"] == "protocol_error"] == ["00000000", "0000000001"]
+    assert sum(e["type"] == "reading" for e in whole) == 2
