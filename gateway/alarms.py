@@ -1,31 +1,48 @@
 """The alarm engine: readings and statuses in, alarm transitions out. Pure: it knows time only through `now`.
 
 Follows IEC 60601-1-8 ideas; the bedside device stays the primary alarm. Rules are a site's policy (see
-EXAMPLE_KETAMINE_PROFILE: an example, not advice).
+EXAMPLE_KETAMINE_PROFILE: an example, not advice). docs/alarms.md says why each policy below is what it is.
 
-- Physiological alarms (limit violations) are raised only from trustworthy readings: a reading flagged by the
-  device (probe off, artifact, searching, low signal...) never raises or clears one; it leads to the technical
-  condition instead. A condition must hold for `delay_s` before it is raised and stay clear (past the hysteresis
-  band) for `clear_delay_s` before it is cleared, so one odd value neither raises nor ends an alarm.
-- Technical alarms: no data from a device, a lost port, sensor problems, cuff errors, an overdue NIBP
-  measurement, the outbox filling up, the gateway cut off from its broker.
-- Lifecycle: raised -> (acknowledged) -> cleared; latching alarms stay until acknowledged even when the
-  condition is gone; unacknowledged alarms may escalate one priority after `escalate_after_s`.
+- Unreliable signal is an alarm, never a silence: the profile's `quality` policy says which device flags make values
+  unusable (probe off, no sensor, sensor fault, searching by default); values with any other flag (low perfusion,
+  artifact...) are still evaluated, and the alarm carries the flags. Unusable values for longer than a delay raise
+  the `signal_quality` technical alarm.
+- Conditions only on fresh data: a continuous metric (SpO2, pulse, PI) counts only while the device's last usable
+  reading is newer than its staleness limit. A silent device raises `no_data`; its physiological alarms become
+  "indeterminate" (shown as such), and are never raised, cleared or escalated from an old value.
+- A condition must hold for `delay_s` before it is raised and stay clear (past the hysteresis band) for
+  `clear_delay_s` before it is cleared, so one odd value neither raises nor ends an alarm.
+- One alarm per condition: a stricter rule declared `tier_of` another raises the priority of that alarm
+  (`escalated`) instead of raising a second one; so does `escalate_after_s` without acknowledgement.
+- Technical alarms: no data from a device, a lost port, sensor problems, signal quality, cuff errors, an overdue
+  NIBP measurement, the outbox filling up, the gateway cut off from its broker, the gateway's clock off.
+- Standby: a room explicitly marked empty has its physiological and device alarms suspended, until it expires, is
+  ended, or a session starts.
+- Lifecycle: raised -> (escalated) -> (acknowledged) -> cleared; latching alarms stay until acknowledged even when
+  the condition is gone. The whole state (`snapshot`/`restore`) survives restarts through the outbox.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from devices.base import METRICS, DeviceState
+from devices.base import METRICS, QUALITY_FLAGS, DeviceState
 
 Priority = Literal["low", "medium", "high"]
 PRIORITIES: tuple[Priority, ...] = ("low", "medium", "high")
 NAME = r"^[a-z0-9][a-z0-9_-]{0,47}$"
 BP_METRICS = ("nibp_systolic", "nibp_diastolic", "nibp_mean")
+# Metrics a device reports continuously: a value is current only while the device keeps reporting it. A blood
+# pressure is a measurement that stands until the next one (its overdue check is `nibp_overdue`).
+CONTINUOUS_METRICS = frozenset({"spo2", "pulse_rate", "perfusion_index"})
+SENSOR_STATES = frozenset(
+    {DeviceState.PROBE_OFF, DeviceState.NO_SENSOR, DeviceState.SENSOR_FAULT, DeviceState.SEARCHING}
+)
+UNREACHABLE_STATES = frozenset({DeviceState.NO_DATA, DeviceState.DISCONNECTED})
 
 
 class _Strict(BaseModel):
@@ -51,6 +68,9 @@ class ThresholdRule(_Strict):
     rooms: tuple[str, ...] = ()  # empty: every room
     devices: tuple[str, ...] = ()  # empty: every device
     message: str = ""
+    # A stricter limit of the same condition: when it holds, the alarm of rule `tier_of` is raised (or escalated)
+    # at this rule's priority, one alarm on every screen instead of two.
+    tier_of: Annotated[str, Field(pattern=NAME)] | None = None
 
     @model_validator(mode="after")
     def _one_limit(self) -> ThresholdRule:
@@ -63,7 +83,13 @@ class ThresholdRule(_Strict):
         limit = self.below if self.below is not None else self.above
         if limit is not None and not spec.low <= limit <= spec.high:
             raise ValueError(f"limit {limit:g} is outside what a device reports ({spec.low:g}..{spec.high:g})")
+        if self.tier_of is not None and (self.latching or self.escalate_after_s is not None):
+            raise ValueError("a tier raises another rule's alarm: latching and escalate_after_s belong to that rule")
         return self
+
+    @property
+    def direction(self) -> str:
+        return "below" if self.below is not None else "above"
 
     def applies(self, room: str, device: str) -> bool:
         return (not self.rooms or room in self.rooms) and (not self.devices or device in self.devices)
@@ -81,11 +107,34 @@ class TechnicalRules(_Strict):
     no_data: TechnicalRule = TechnicalRule(priority="high")
     device_disconnected: TechnicalRule = TechnicalRule(priority="high", delay_s=2)
     sensor: TechnicalRule = TechnicalRule(priority="medium", delay_s=15)  # probe off, no sensor, fault, search
+    signal_quality: TechnicalRule = TechnicalRule(priority="medium", delay_s=15)  # readings flagged unusable
     cuff_error: TechnicalRule = TechnicalRule(priority="low")
     nibp_overdue: TechnicalRule = TechnicalRule(priority="medium")
     outbox_filling: TechnicalRule = TechnicalRule(priority="medium")
     broker_lost: TechnicalRule = TechnicalRule(priority="high", delay_s=10)
+    clock_skew: TechnicalRule = TechnicalRule(priority="medium")
     outbox_fill_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.8
+    clock_skew_limit_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
+
+
+DEFAULT_UNUSABLE = ("probe_off", "no_sensor", "sensor_fault", "searching")
+
+
+class QualityPolicy(_Strict):
+    """Which device quality flags make values unusable for physiological rules. Every other quality flag (low
+    perfusion, low signal IQ, artifact, interference, out of track, ambient light) leaves the values evaluated
+    and marked: those are what a deteriorating patient produces, so they must not switch alarms off."""
+
+    unusable: tuple[str, ...] = DEFAULT_UNUSABLE
+
+    @model_validator(mode="after")
+    def _known(self) -> QualityPolicy:
+        unknown = sorted(set(self.unusable) - QUALITY_FLAGS)
+        if unknown:
+            raise ValueError(
+                f"unknown quality flag(s) {', '.join(unknown)}: known are {', '.join(sorted(QUALITY_FLAGS))}"
+            )
+        return self
 
 
 class AlarmProfile(_Strict):
@@ -93,6 +142,7 @@ class AlarmProfile(_Strict):
     example: bool = False  # an example profile must say so wherever it is shown
     rules: tuple[ThresholdRule, ...] = ()
     technical: TechnicalRules = TechnicalRules()
+    quality: QualityPolicy = QualityPolicy()
 
     @model_validator(mode="after")
     def _unique(self) -> AlarmProfile:
@@ -100,6 +150,26 @@ class AlarmProfile(_Strict):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"rule ids must be unique: {', '.join(dupes)}")
+        by_id = {r.id: r for r in self.rules}
+        for rule in self.rules:
+            if rule.tier_of is None:
+                continue
+            base = by_id.get(rule.tier_of)
+            if base is None or base.tier_of is not None or base.above_baseline_pct is not None:
+                raise ValueError(f"rule {rule.id}: tier_of must name a below/above rule that is not a tier itself")
+            if (base.metric, base.direction) != (rule.metric, rule.direction):
+                raise ValueError(
+                    f"rule {rule.id}: a tier must limit the same metric in the same direction as {base.id}"
+                )
+            stricter = (
+                rule.below < base.below
+                if rule.below is not None and base.below is not None
+                else (rule.above is not None and base.above is not None and rule.above > base.above)
+            )
+            if not stricter or PRIORITIES.index(rule.priority) <= PRIORITIES.index(base.priority):
+                raise ValueError(f"rule {rule.id}: a tier needs a stricter limit and a higher priority than {base.id}")
+            if (rule.rooms, rule.devices) != (base.rooms, base.devices):
+                raise ValueError(f"rule {rule.id}: a tier must apply to the same rooms and devices as {base.id}")
         return self
 
 
@@ -127,6 +197,7 @@ EXAMPLE_KETAMINE_PROFILE = AlarmProfile(
             hysteresis=1,
             clear_delay_s=10,
             message="SpO2 very low",
+            tier_of="spo2-low",  # the same desaturation, one alarm: it raises spo2-low to high
         ),
         ThresholdRule(
             id="pulse-low",
@@ -181,7 +252,12 @@ every site sets its own limits with its clinicians."""
 
 # --- events --------------------------------------------------------------------------------------------------
 
-Transition = Literal["raised", "escalated", "acknowledged", "silenced", "cleared"]
+# indeterminate: the device's data went stale or unusable, the condition cannot be judged (the alarm stays shown);
+# resumed: fresh data again; suspended: ended because the room went to standby (not because the patient is well).
+Transition = Literal[
+    "raised", "escalated", "acknowledged", "silenced", "indeterminate", "resumed", "suspended", "cleared"
+]
+ENDING: frozenset[str] = frozenset({"cleared", "suspended"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +276,9 @@ class AlarmEvent:
     limit: float | None = None
     message: str = ""
     role: str | None = None  # who acknowledged or silenced: a role, never a name
+    indeterminate: bool = False  # the condition cannot be judged now (no fresh, usable data)
+    quality: tuple[str, ...] = ()  # device quality flags on the value that caused it (e.g. low_perfusion)
+    since: float | None = None  # when the alarm was raised
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +289,21 @@ class SessionEvent:
     session_id: str
     started: float
     baseline: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RoomModeEvent:
+    """A room enters or leaves standby (nobody is being monitored there); every screen must show it."""
+
+    room: str
+    mode: Literal["standby", "monitoring"]
+    time: float
+    until: float | None = None  # standby ends on its own then
+    role: str | None = None
+    reason: str = ""  # for monitoring: ended, expired, session started
+
+
+EngineEvent = AlarmEvent | SessionEvent | RoomModeEvent
 
 
 # --- the engine ----------------------------------------------------------------------------------------------
@@ -238,10 +332,17 @@ class _Alarm:
     condition: bool = False
     value: float | None = None
     silenced_until: float | None = None
+    indeterminate: bool = False
+    quality: tuple[str, ...] = ()
+    tier_of: str | None = None  # a tier's own tracker: never shown, it raises the priority of this alarm id
 
     @property
     def active(self) -> bool:
         return self.raised_at is not None
+
+    @property
+    def shown(self) -> bool:
+        return self.raised_at is not None and self.tier_of is None
 
 
 @dataclass
@@ -251,33 +352,64 @@ class _Session:
     baseline: dict[str, float] = field(default_factory=dict)
 
 
+DEFAULT_STALE_AFTER_S = 5.0
+
+
 class AlarmEngine:
-    def __init__(self, profile: AlarmProfile, nibp_schedules: dict[str, float] | None = None) -> None:
-        """`nibp_schedules`: room/device -> measure_every_s of each scheduled cuff (for the overdue alarm)."""
+    def __init__(
+        self,
+        profile: AlarmProfile,
+        nibp_schedules: dict[str, float] | None = None,
+        stale_after: dict[str, float] | None = None,
+    ) -> None:
+        """`nibp_schedules`: room/device -> measure_every_s of each scheduled cuff (for the overdue alarm).
+        `stale_after`: room/device -> the model's staleness limit (how long a continuous value stays current)."""
         self.profile = profile
         self.tech = profile.technical
+        self._unusable = frozenset(profile.quality.unusable)
+        self._rules = {r.id: r for r in profile.rules}
         self._alarms: dict[str, _Alarm] = {}
         self._sessions: dict[str, _Session] = {}
         self._nibp_every = dict(nibp_schedules or {})
         self._nibp_last: dict[str, float] = {}
+        self._stale_after = dict(stale_after or {})
+        self._fresh_until: dict[str, float] = {}  # room/device -> its continuous values are current until then
+        self._states: dict[str, tuple[DeviceState, int | None]] = {}  # room/device -> latest status
+        self._standby: dict[str, float | None] = {}  # room -> standby until (None: until ended)
 
     # -- inputs --------------------------------------------------------------------------------------------------
 
     def on_reading(
-        self, room: str, device: str, metrics: dict[str, float], trustworthy: bool, now: float
-    ) -> list[AlarmEvent | SessionEvent]:
-        out: list[AlarmEvent | SessionEvent] = []
+        self, room: str, device: str, metrics: dict[str, float], flags: Sequence[str], now: float
+    ) -> list[EngineEvent]:
+        out: list[EngineEvent] = []
         key = f"{room}/{device}"
+        is_bp = any(m in metrics for m in BP_METRICS)
+        if is_bp:
+            self._nibp_last[key] = now
+        if room in self._standby:
+            return out  # nobody is monitored here: the reading is stored, nothing is judged
         out += self._technical(room, device, "no_data", False, now)
         out += self._technical(room, device, "device_disconnected", False, now)
-        if any(m in metrics for m in BP_METRICS):
-            self._nibp_last[key] = now
+        if is_bp:
             out += self._technical(room, device, "nibp_overdue", False, now)
             out += self._technical(room, device, "cuff_error", False, now)
-            out += self._maybe_baseline(room, metrics, now)
-        if not trustworthy:
-            return out  # flagged values neither raise nor clear a physiological alarm
+        unusable = sorted(self._unusable.intersection(flags))
+        if unusable:
+            # The sensor alarm already names a sensor state the device reported; this one covers flagged values.
+            state = self._states.get(key, (DeviceState.OK, None))[0]
+            message = f"signal unusable: {', '.join(unusable)}"
+            cond = state not in SENSOR_STATES
+            out += self._technical(room, device, "signal_quality", cond, now, message=message)
+            return out  # unusable values are never judged; the device goes indeterminate when they stay so
+        out += self._technical(room, device, "signal_quality", False, now)
         out += self._technical(room, device, "sensor", False, now)
+        if is_bp:
+            out += self._maybe_baseline(room, metrics, now)
+        if CONTINUOUS_METRICS.intersection(metrics):
+            self._fresh_until[key] = now + self._stale_after.get(key, DEFAULT_STALE_AFTER_S)
+            out += self._resume(key, now)
+        quality = tuple(f for f in flags if f in QUALITY_FLAGS)
         for rule in self.profile.rules:
             if rule.metric not in metrics or not rule.applies(room, device):
                 continue
@@ -287,23 +419,29 @@ class AlarmEngine:
                 continue  # a baseline rule before the session has a baseline
             alarm = self._alarm(room, device, rule.id, "physiological", rule, limit)
             alarm.value = value
+            alarm.quality = quality
             out += self._update(alarm, violated, clear, now)
         return out
 
     def on_status(self, room: str, device: str, state: DeviceState, code: int | None, now: float) -> list[AlarmEvent]:
+        key = f"{room}/{device}"
+        self._states[key] = (state, code)
+        if state in UNREACHABLE_STATES or state in SENSOR_STATES:
+            self._fresh_until[key] = min(self._fresh_until.get(key, now), now)  # values stop being current now
+        if room in self._standby:
+            return []
         out: list[AlarmEvent] = []
         out += self._technical(room, device, "no_data", state == DeviceState.NO_DATA, now)
         out += self._technical(room, device, "device_disconnected", state == DeviceState.DISCONNECTED, now)
-        sensor = state in (
-            DeviceState.PROBE_OFF,
-            DeviceState.NO_SENSOR,
-            DeviceState.SENSOR_FAULT,
-            DeviceState.SEARCHING,
-        )
         if state not in (DeviceState.NO_DATA, DeviceState.DISCONNECTED, DeviceState.CONNECTED):
-            out += self._technical(room, device, "sensor", sensor, now, message=f"sensor: {state}")
+            out += self._technical(room, device, "sensor", state in SENSOR_STATES, now, message=f"sensor: {state}")
+        if state in SENSOR_STATES:
+            out += self._technical(room, device, "signal_quality", False, now)  # the sensor alarm says it
         if state == DeviceState.CUFF_ERROR:
             out += self._technical(room, device, "cuff_error", True, now, value=code, message=f"cuff error {code}")
+        for alarm in list(self._alarms.values()):  # judged at once, not at the next tick
+            if alarm.room == room and alarm.device == device and alarm.kind == "physiological":
+                out += self._advance(alarm, now)
         return out
 
     def on_gateway(self, gateway: str, broker_connected: bool, outbox_fill: float, now: float) -> list[AlarmEvent]:
@@ -312,15 +450,27 @@ class AlarmEngine:
         out += self._technical("_gateway", gateway, "outbox_filling", full, now, value=round(outbox_fill, 3))
         return out
 
-    def tick(self, now: float) -> list[AlarmEvent]:
-        """Delays, clear delays and escalation that are due by `now`; overdue NIBP measurements."""
-        out: list[AlarmEvent] = []
+    def on_clock(self, gateway: str, skew_s: float, uncertainty_s: float, server: str, now: float) -> list[AlarmEvent]:
+        """The gateway's clock against a server's (positive: the gateway is ahead). Only a skew beyond the limit
+        by more than the measurement's uncertainty counts."""
+        off = abs(skew_s) - uncertainty_s > self.tech.clock_skew_limit_s
+        message = f"gateway clock {skew_s:+.1f} s against {server}"
+        return self._technical("_gateway", gateway, "clock_skew", off, now, value=round(skew_s, 2), message=message)
+
+    def tick(self, now: float) -> list[EngineEvent]:
+        """Delays, clear delays, escalation, staleness and standby expiry that are due by `now`; overdue NIBP."""
+        out: list[EngineEvent] = []
+        for room, until in list(self._standby.items()):
+            if until is not None and now >= until:
+                out += self._end_standby(room, None, now, "standby expired")
         for key, every in self._nibp_every.items():
             room, device = key.split("/", 1)
             last = self._nibp_last.setdefault(key, now)
-            out += self._technical(room, device, "nibp_overdue", now - last > every * 1.5 + 60, now)
+            if room not in self._standby:
+                out += self._technical(room, device, "nibp_overdue", now - last > every * 1.5 + 60, now)
         for alarm in list(self._alarms.values()):
-            out += self._advance(alarm, now)
+            if alarm.alarm_id in self._alarms:  # a tier's raise may have cleared others in this pass
+                out += self._advance(alarm, now)
         return out
 
     # -- operator actions -----------------------------------------------------------------------------------------
@@ -332,7 +482,7 @@ class AlarmEngine:
         alarm.acknowledged = True
         out = [self._event(alarm, "acknowledged", now, role=role)]
         if alarm.latching and not alarm.condition:
-            out.append(self._clear(alarm, now))
+            out += self._clear(alarm, now)
         return out
 
     def silence(self, room: str, alarm_id: str, seconds: float, role: str | None, now: float) -> list[AlarmEvent]:
@@ -341,11 +491,15 @@ class AlarmEngine:
         alarm.silenced_until = now + seconds
         return [self._event(alarm, "silenced", now, role=role)]
 
-    def start_session(self, room: str, session_id: str, now: float) -> list[SessionEvent]:
+    def start_session(self, room: str, session_id: str, now: float) -> list[EngineEvent]:
         if room in self._sessions:
             raise ValueError(f"room {room} already has a session running ({self._sessions[room].session_id})")
+        out: list[EngineEvent] = []
+        if room in self._standby:
+            out += self._end_standby(room, None, now, "session started")
         self._sessions[room] = _Session(session_id, now)
-        return [SessionEvent(room, "started", now, session_id, now)]
+        out.append(SessionEvent(room, "started", now, session_id, now))
+        return out
 
     def stop_session(self, room: str, now: float) -> list[SessionEvent]:
         session = self._sessions.pop(room, None)
@@ -353,18 +507,104 @@ class AlarmEngine:
             raise ValueError(f"room {room} has no session running")
         return [SessionEvent(room, "stopped", now, session.session_id, session.started, dict(session.baseline))]
 
+    def standby(self, room: str, seconds: float, role: str | None, now: float) -> list[EngineEvent]:
+        """Nobody is monitored in this room for `seconds`: its physiological and device alarms are suspended."""
+        if room in self._sessions:
+            raise ValueError(f"room {room} has a session running: stop it before standby")
+        until = now + seconds
+        self._standby[room] = until
+        out: list[EngineEvent] = [RoomModeEvent(room, "standby", now, until, role)]
+        for alarm in list(self._alarms.values()):
+            if alarm.room == room:
+                if alarm.shown:
+                    out.append(self._event(alarm, "suspended", now, role=role))
+                del self._alarms[alarm.alarm_id]
+        return out
+
+    def end_standby(self, room: str, role: str | None, now: float) -> list[EngineEvent]:
+        if room not in self._standby:
+            raise ValueError(f"room {room} is not in standby")
+        return self._end_standby(room, role, now, "standby ended")
+
+    def in_standby(self, room: str) -> bool:
+        return room in self._standby
+
     def session(self, room: str) -> _Session | None:
         return self._sessions.get(room)
 
     def active(self) -> list[AlarmEvent]:
         """Every active alarm as it stands (for retained topics and the wall)."""
-        return [self._event(a, "raised", a.raised_at or 0.0) for a in self._alarms.values() if a.active]
+        return [self._event(a, "raised", a.raised_at or 0.0) for a in self._alarms.values() if a.shown]
+
+    # -- durability -----------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """What must survive a restart: active alarms (acknowledged, silenced, latched), sessions, standby. Pending
+        delays are not kept: after a restart a condition is judged afresh on fresh data."""
+        return {
+            "v": 1,
+            "alarms": [asdict(a) for a in self._alarms.values() if a.active],
+            "sessions": {room: asdict(s) for room, s in self._sessions.items()},
+            "standby": dict(self._standby),
+            "nibp_last": dict(self._nibp_last),
+        }
+
+    def restore(self, snapshot: dict[str, Any], devices: set[str], now: float) -> list[EngineEvent]:
+        """Take back a snapshot at start-up. Physiological alarms are indeterminate until the device's first fresh
+        data; alarms of devices no longer configured are cleared, saying so."""
+        if snapshot.get("v") != 1:
+            raise ValueError(f"unknown alarm state version {snapshot.get('v')!r}")
+        out: list[EngineEvent] = []
+        self._sessions = {room: _Session(**s) for room, s in snapshot.get("sessions", {}).items()}
+        self._standby = {room: until for room, until in snapshot.get("standby", {}).items()}
+        self._nibp_last = {k: float(v) for k, v in snapshot.get("nibp_last", {}).items()}
+        for fields in snapshot.get("alarms", []):
+            alarm = _Alarm(**{**fields, "quality": tuple(fields.get("quality", ()))})
+            key = f"{alarm.room}/{alarm.device}"
+            if alarm.room != "_gateway" and key not in devices:
+                if alarm.shown:
+                    alarm.message = f"{alarm.message} (device no longer configured)"
+                    out.append(self._event(alarm, "cleared", now))
+                continue
+            self._alarms[alarm.alarm_id] = alarm
+            if alarm.kind == "physiological" and alarm.metric in CONTINUOUS_METRICS:
+                alarm.pending_since = alarm.clear_since = None
+                alarm.condition = False
+                if alarm.shown:
+                    alarm.indeterminate = True
+                    out.append(self._event(alarm, "indeterminate", now))
+        return out
 
     # -- internals -----------------------------------------------------------------------------------------------
 
+    def _end_standby(self, room: str, role: str | None, now: float, reason: str) -> list[EngineEvent]:
+        self._standby.pop(room, None)
+        out: list[EngineEvent] = [RoomModeEvent(room, "monitoring", now, None, role, reason)]
+        for key, (state, code) in self._states.items():
+            r, device = key.split("/", 1)
+            if r == room:
+                out += self.on_status(room, device, state, code, now)  # a silent device is an alarm again
+        for key in self._nibp_every:
+            if key.split("/", 1)[0] == room:
+                self._nibp_last[key] = now  # the schedule starts again from here
+        return out
+
+    def _fresh(self, alarm: _Alarm, now: float) -> bool:
+        if alarm.metric not in CONTINUOUS_METRICS:
+            return True
+        return now <= self._fresh_until.get(f"{alarm.room}/{alarm.device}", float("-inf"))
+
+    def _resume(self, key: str, now: float) -> list[AlarmEvent]:
+        out: list[AlarmEvent] = []
+        for alarm in self._alarms.values():
+            if alarm.indeterminate and f"{alarm.room}/{alarm.device}" == key:
+                alarm.indeterminate = False
+                out.append(self._event(alarm, "resumed", now))
+        return out
+
     def _find(self, room: str, alarm_id: str) -> _Alarm:
         alarm = self._alarms.get(alarm_id)
-        if alarm is None or alarm.room != room or not alarm.active:
+        if alarm is None or alarm.room != room or not alarm.shown:
             raise ValueError(f"no active alarm {alarm_id!r} in room {room!r}")
         return alarm
 
@@ -401,21 +641,36 @@ class AlarmEngine:
         alarm_id = f"{room}/{device}/{rule_id}"
         alarm = self._alarms.get(alarm_id)
         if alarm is None:
-            is_threshold = isinstance(rule, ThresholdRule)
-            alarm = _Alarm(
-                alarm_id=alarm_id,
-                room=room,
-                device=device,
-                rule=rule_id,
-                kind=kind,
-                priority=rule.priority,
-                delay_s=rule.delay_s,
-                clear_delay_s=rule.clear_delay_s if isinstance(rule, ThresholdRule) else 0.0,
-                latching=rule.latching if isinstance(rule, ThresholdRule) else False,
-                escalate_after_s=rule.escalate_after_s if isinstance(rule, ThresholdRule) else None,
-                message=(rule.message if isinstance(rule, ThresholdRule) else "") or message or rule_id,
-                metric=rule.metric if is_threshold and isinstance(rule, ThresholdRule) else None,
-            )
+            if isinstance(rule, ThresholdRule):
+                alarm = _Alarm(
+                    alarm_id=alarm_id,
+                    room=room,
+                    device=device,
+                    rule=rule_id,
+                    kind=kind,
+                    priority=rule.priority,
+                    delay_s=rule.delay_s,
+                    clear_delay_s=rule.clear_delay_s,
+                    latching=rule.latching,
+                    escalate_after_s=rule.escalate_after_s,
+                    message=rule.message or rule_id,
+                    metric=rule.metric,
+                    tier_of=rule.tier_of,
+                )
+            else:
+                alarm = _Alarm(
+                    alarm_id,
+                    room,
+                    device,
+                    rule_id,
+                    kind,
+                    rule.priority,
+                    rule.delay_s,
+                    0.0,
+                    False,
+                    None,
+                    message or rule_id,
+                )
             self._alarms[alarm_id] = alarm
         if limit is not None:
             alarm.limit = limit
@@ -460,20 +715,30 @@ class AlarmEngine:
         return self._advance(alarm, now)
 
     def _advance(self, alarm: _Alarm, now: float) -> list[AlarmEvent]:
+        if alarm.kind == "physiological" and not self._fresh(alarm, now):
+            # No current value: nothing is raised, cleared or escalated from an old one; the delays start again.
+            alarm.pending_since = alarm.clear_since = None
+            alarm.condition = False
+            if alarm.shown and not alarm.indeterminate:
+                alarm.indeterminate = True
+                return [self._event(alarm, "indeterminate", now)]
+            return []
         out: list[AlarmEvent] = []
         if not alarm.active:
             if alarm.condition and alarm.pending_since is not None and now - alarm.pending_since >= alarm.delay_s:
                 alarm.raised_at = now
                 alarm.acknowledged = alarm.escalated = False
+                if alarm.tier_of is not None:
+                    return self._tier_raised(alarm, now)
                 out.append(self._event(alarm, "raised", now))
             return out
         clear_due = alarm.clear_since is not None and now - alarm.clear_since >= alarm.clear_delay_s
         if clear_due and (not alarm.latching or alarm.acknowledged):
-            out.append(self._clear(alarm, now))
-            return out
+            return self._clear(alarm, now)
         silenced = alarm.silenced_until is not None and now < alarm.silenced_until
         if (
             alarm.escalate_after_s is not None
+            and alarm.condition
             and not alarm.acknowledged
             and not alarm.escalated
             and not silenced
@@ -486,10 +751,34 @@ class AlarmEngine:
             out.append(self._event(alarm, "escalated", now))
         return out
 
-    def _clear(self, alarm: _Alarm, now: float) -> AlarmEvent:
-        event = self._event(alarm, "cleared", now)
+    def _tier_raised(self, tier: _Alarm, now: float) -> list[AlarmEvent]:
+        """A stricter limit held for its delay: the base rule's alarm is raised at the tier's priority, or
+        escalated to it (and announced again, even if it was acknowledged)."""
+        assert tier.tier_of is not None
+        base_rule = self._rules[tier.tier_of]
+        base = self._alarm(tier.room, tier.device, base_rule.id, "physiological", base_rule, tier.limit)
+        base.value, base.quality, base.limit, base.message = tier.value, tier.quality, tier.limit, tier.message
+        if not base.active:
+            base.raised_at = now
+            base.priority = tier.priority
+            base.condition = True
+            base.acknowledged = base.escalated = False
+            return [self._event(base, "raised", now)]
+        if PRIORITIES.index(base.priority) >= PRIORITIES.index(tier.priority):
+            return []
+        base.priority = tier.priority
+        base.acknowledged = False
+        base.escalated = True
+        return [self._event(base, "escalated", now)]
+
+    def _clear(self, alarm: _Alarm, now: float) -> list[AlarmEvent]:
         del self._alarms[alarm.alarm_id]  # a new violation starts a new alarm, with its own delay
-        return event
+        if alarm.tier_of is not None:
+            return []  # a tier ends silently: the base alarm keeps its priority until it clears
+        for rule in self.profile.rules:
+            if rule.tier_of == alarm.rule:  # its tiers start afresh with the next alarm
+                self._alarms.pop(f"{alarm.room}/{alarm.device}/{rule.id}", None)
+        return [self._event(alarm, "cleared", now)]
 
     @staticmethod
     def _event(alarm: _Alarm, transition: Transition, now: float, role: str | None = None) -> AlarmEvent:
@@ -501,11 +790,14 @@ class AlarmEngine:
             kind=alarm.kind,
             priority=alarm.priority,
             transition=transition,
-            active=transition != "cleared",
+            active=transition not in ENDING,
             time=now,
             metric=alarm.metric,
             value=alarm.value,
             limit=alarm.limit,
             message=alarm.message,
             role=role,
+            indeterminate=alarm.indeterminate,
+            quality=alarm.quality,
+            since=alarm.raised_at,
         )

@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from devices.base import DeviceStatus, Reading, Waveform
-from gateway.alarms import AlarmEngine, AlarmEvent, SessionEvent
+from gateway.alarms import AlarmEngine, EngineEvent, RoomModeEvent, SessionEvent
 from gateway.backoff import Backoff
 from gateway.commands import CommandRouter
 from gateway.config import Config
@@ -25,6 +25,7 @@ from gateway.records import (
     iso_utc,
     origin_for,
     reading_record,
+    room_mode_record,
     room_origin,
     session_record,
     status_record,
@@ -79,7 +80,8 @@ class Gateway:
                 self.profile.name,
             )
         schedules = {d.key: d.measure_every_s for d in cfg.devices if d.measure_every_s is not None}
-        self.alarms = AlarmEngine(self.profile, schedules)
+        stale = {s.key: s.spec.stale_after_s for s in self.sessions}
+        self.alarms = AlarmEngine(self.profile, schedules, stale)
         self._alarm_origins = dict(self._origins)
         self._alarm_origins[f"_gateway/{g.id}"] = gateway_origin(g.site, g.id)
         self.router = CommandRouter(cfg.mqtt.topic_prefix, g.site, {s.key: s for s in self.sessions}, self)
@@ -99,18 +101,26 @@ class Gateway:
         self.received += 1
         if isinstance(event, Reading):
             self._put(session.key, reading_record, origin, now, event)
-            self._alarm_events(self.alarms.on_reading(room, device, dict(event.metrics), event.trustworthy, now))
+            self._alarm_events(self.alarms.on_reading(room, device, dict(event.metrics), event.flags, now))
         elif isinstance(event, Waveform):
             self._put(session.key, waveform_record, origin, now, event)
         else:
             self._put(session.key, status_record, origin, now, event)
             self._alarm_events(self.alarms.on_status(room, device, event.state, event.code, now))
 
-    def _alarm_events(self, events: Sequence[AlarmEvent | SessionEvent]) -> None:
+    def _alarm_events(self, events: Sequence[EngineEvent]) -> None:
+        """Every engine transition becomes a record; the engine's state is committed in the same transaction."""
+        if not events:
+            return
+        site = self.cfg.gateway.site
         for event in events:
             if isinstance(event, SessionEvent):
-                self._put(f"{event.room}/_room", session_record, room_origin(self.cfg.gateway.site, event.room), event)
+                self._put(f"{event.room}/_room", session_record, room_origin(site, event.room), event)
                 log.info("room %s: session %s %s %s", event.room, event.session_id, event.transition, event.baseline)
+                continue
+            if isinstance(event, RoomModeEvent):
+                self._put(f"{event.room}/_room", room_mode_record, room_origin(site, event.room), event)
+                log.warning("room %s: %s %s", event.room, event.mode.upper(), event.reason)
                 continue
             key = f"{event.room}/{event.device}"
             self._put(key, alarm_record, self._alarm_origins[key], event, self.profile.name, self.profile.example)
@@ -124,6 +134,7 @@ class Gateway:
                 event.value,
                 event.limit,
             )
+        self.outbox.put_state("alarms", self.alarms.snapshot())
 
     # -- room actions (RoomActions, for MQTT commands and the CLI) --------------------------------------------
 
@@ -141,6 +152,26 @@ class Gateway:
 
     def stop_session(self, room: str, role: str | None) -> None:
         self._alarm_events(self.alarms.stop_session(room, time.time()))
+
+    def standby(self, room: str, seconds: float, role: str | None) -> None:
+        self._alarm_events(self.alarms.standby(room, seconds, role, time.time()))
+
+    def end_standby(self, room: str, role: str | None) -> None:
+        self._alarm_events(self.alarms.end_standby(room, role, time.time()))
+
+    async def restore_alarms(self) -> None:
+        """The alarm state of the last run (a clean stop or a crash): acknowledged, silenced, latched alarms,
+        sessions and standby carry on; physiological alarms wait for fresh data to be judged again."""
+        snapshot = await self.outbox.load_state("alarms")
+        if snapshot is None:
+            return
+        try:
+            events = self.alarms.restore(snapshot, {s.key for s in self.sessions}, time.time())
+        except (ValueError, TypeError, KeyError) as exc:
+            log.error("alarm state of the last run is unreadable (%s): starting without it", exc)
+            return
+        log.info("alarm state restored: %d active alarm(s)", len(self.alarms.active()))
+        self._alarm_events(events)
 
     async def _alarm_loop(self) -> None:
         """Delays, escalations and the gateway's own technical alarms, checked every tick."""
@@ -203,6 +234,7 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.outbox.open()
+        await self.restore_alarms()
         health: HealthServer | None = None
         if self.cfg.gateway.health_port is not None:
             health = HealthServer(self.cfg.gateway.health_host, self.cfg.gateway.health_port, self.status)

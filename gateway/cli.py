@@ -289,6 +289,26 @@ def cmd_ack(args: argparse.Namespace) -> int:
     return _room_command(args, action=action, alarm_id=args.alarm, operator_role=args.role, silence_s=args.silence)
 
 
+def parse_duration(text: str) -> float:
+    """`90s`, `45m`, `2h` or plain seconds: how long a room stays in standby."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    scale = units.get(text[-1:].lower(), 1.0)
+    number = text[:-1] if text[-1:].lower() in units else text
+    try:
+        seconds = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 45m, 2h)") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"a duration must be positive: {text!r}")
+    return seconds
+
+
+def cmd_standby(args: argparse.Namespace) -> int:
+    if args.end:
+        return _room_command(args, action="end_standby", operator_role=args.role)
+    return _room_command(args, action="standby", operator_role=args.role, standby_s=args.duration)
+
+
 def cmd_dashboards(args: argparse.Namespace) -> int:
     from dashboards.build import GENERATED_DIR
     from dashboards.push import main_build, main_push
@@ -404,6 +424,23 @@ def build_parser() -> argparse.ArgumentParser:
     ack.add_argument("--silence", type=float, metavar="SECONDS", help="silence for this long instead of acknowledging")
     broker_args(ack)
     ack.set_defaults(func=cmd_ack)
+
+    sby = sub.add_parser(
+        "standby", help="say nobody is monitored in a room: its patient and device alarms are suspended, shown STANDBY"
+    )
+    sby.add_argument("--room", required=True)
+    sby.add_argument(
+        "--for",
+        dest="duration",
+        type=parse_duration,
+        default=None,
+        metavar="DURATION",
+        help="ends on its own after this long (90s, 45m, 2h; default 4h, at most 24h)",
+    )
+    sby.add_argument("--end", action="store_true", help="end standby now: the room is monitored again")
+    sby.add_argument("--role", help="operator role (nurse, physician): never a name")
+    broker_args(sby)
+    sby.set_defaults(func=cmd_standby)
 
     dash = sub.add_parser("dashboards", help="build the Grafana dashboards for a site's alarm profile, or push them")
     dash.add_argument("action", choices=["build", "push"])

@@ -5,7 +5,8 @@ actions and oversized fields are refused) before anything is touched. Logs name 
 reason only; the raw payload is never logged or echoed, in case someone put personal data in it.
 
 Topics: `{prefix}/{site}/{room}/{device}/command` (DeviceCommand: start_measurement) and
-`{prefix}/{site}/{room}/command` (RoomCommand: acknowledge, silence, start_session, stop_session).
+`{prefix}/{site}/{room}/command` (RoomCommand: acknowledge, silence, start_session, stop_session, standby,
+end_standby).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class RoomActions(Protocol):
     def start_session(self, room: str, role: str | None) -> str: ...
 
     def stop_session(self, room: str, role: str | None) -> None: ...
+
+    def standby(self, room: str, seconds: float, role: str | None) -> None: ...
+
+    def end_standby(self, room: str, role: str | None) -> None: ...
 
 
 def _reply(command_id: str | None, ok: bool, reason: str = "") -> bytes:
@@ -112,8 +117,13 @@ class CommandRouter:
             self.rooms.silence(room, command.alarm_id, command.silence_s, role)
         elif command.action == "start_session":
             return f"session {self.rooms.start_session(room, role)} started"
-        else:
+        elif command.action == "stop_session":
             self.rooms.stop_session(room, role)
+        elif command.action == "standby":
+            self.rooms.standby(room, command.standby_s, role)
+            return f"room {room} in standby for {command.standby_s:g} s"
+        else:
+            self.rooms.end_standby(room, role)
         return ""
 
 

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, last_id INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sequences (key TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, body TEXT NOT NULL);  -- e.g. the alarm engine's
 CREATE TABLE IF NOT EXISTS rejected (
     sink TEXT NOT NULL, record_id INTEGER NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL, body TEXT NOT NULL
 );
@@ -91,6 +92,7 @@ class Outbox:
         self._rdb: sqlite3.Connection | None = None
         self._pending: list[tuple[str, int, dict[str, Any]]] = []
         self._pending_done: list[asyncio.Future[None]] = []
+        self._pending_state: dict[str, str] = {}  # name -> JSON, written in the same transaction as the records
         self._wake = asyncio.Event()
         self._new: dict[str, asyncio.Event] = {s: asyncio.Event() for s in sinks}
         self._seq: dict[str, int] = {}
@@ -177,6 +179,19 @@ class Outbox:
         self._seq[key] = seq
         return seq
 
+    def put_state(self, name: str, value: dict[str, Any]) -> None:
+        """Keep `value` as the durable state `name`, committed in the same transaction as the records queued with
+        it: after a crash the state and the records it explains agree (the alarm engine's active alarms)."""
+        self._pending_state[name] = json.dumps(value, separators=(",", ":"))
+        self._wake.set()
+
+    async def load_state(self, name: str) -> dict[str, Any] | None:
+        row = await self._run(lambda: self._conn.execute("SELECT body FROM state WHERE name = ?", (name,)).fetchone())
+        if row is None:
+            return None
+        value: dict[str, Any] = json.loads(row[0])
+        return value
+
     def put(self, key: str, seq: int, record: dict[str, Any]) -> asyncio.Future[None]:
         """Queue a record for the next group commit; the future resolves once it is durable."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -200,7 +215,7 @@ class Outbox:
             await asyncio.shield(self.flush())
 
     async def flush(self) -> None:
-        if not self._pending:
+        if not self._pending and not self._pending_state:
             if self._dirty:
                 cursors, self._dirty = self._dirty, {}
                 await self._run(self._cursors_sync, cursors)
@@ -208,8 +223,9 @@ class Outbox:
         batch, self._pending = self._pending, []
         done, self._pending_done = self._pending_done, []
         cursors, self._dirty = self._dirty, {}
+        state, self._pending_state = self._pending_state, {}
         try:
-            last = await self._run(self._commit_sync, batch, cursors)
+            last = await self._run(self._commit_sync, batch, cursors, state)
         except Exception as exc:
             for fut in done:
                 if not fut.done():
@@ -228,12 +244,18 @@ class Outbox:
     def _cursors_sync(self, cursors: dict[str, int]) -> None:
         self._save_cursors(self._conn, cursors)
 
-    def _commit_sync(self, batch: list[tuple[str, int, dict[str, Any]]], cursors: dict[str, int]) -> int:
+    def _commit_sync(
+        self, batch: list[tuple[str, int, dict[str, Any]]], cursors: dict[str, int], state: dict[str, str]
+    ) -> int:
         """One transaction; returns the last id (ids within it are consecutive: one writer, AUTOINCREMENT)."""
         db = self._conn
         now = time.time()
         db.execute("BEGIN IMMEDIATE")
         try:
+            db.executemany(
+                "INSERT INTO state(name, body) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET body = excluded.body",
+                list(state.items()),
+            )
             db.executemany(
                 "INSERT INTO records(key, seq, type, body, created) VALUES (?, ?, ?, ?, ?)",
                 [(k, s, r["type"], json.dumps(r, separators=(",", ":")), now) for k, s, r in batch],
@@ -247,7 +269,8 @@ class Outbox:
                 list(last.items()),
             )
             self._save_cursors(db, cursors)
-            (last_id,) = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+            last_id = row[0] if row is not None else 0
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

@@ -14,9 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import models_json_schema
 
 from devices.base import METRICS, DeviceSpec, DeviceStatus, Reading, Waveform
-from gateway.alarms import AlarmEvent, SessionEvent
+from gateway.alarms import AlarmEvent, RoomModeEvent, SessionEvent
 
 SCHEMA_VERSION = 1
+STANDBY_DEFAULT_S = 4 * 3600.0  # a room left in standby by mistake is monitored again after a shift's part
+STANDBY_MAX_S = 24 * 3600.0
 
 
 def iso_utc(ts: float) -> str:
@@ -89,8 +91,18 @@ class AlarmMessage(_Envelope):
     rule: str
     alarm_kind: Literal["physiological", "technical"]
     priority: Literal["low", "medium", "high"]
-    transition: Literal["raised", "escalated", "acknowledged", "silenced", "cleared"]
+    transition: Literal[
+        "raised", "escalated", "acknowledged", "silenced", "indeterminate", "resumed", "suspended", "cleared"
+    ] = Field(
+        description="indeterminate: no fresh usable data, the condition cannot be judged (the alarm stays); "
+        "resumed: fresh data again; suspended: ended because the room went to standby"
+    )
     active: bool = Field(description="whether the alarm is still active after this transition")
+    indeterminate: bool = Field(False, description="true while the condition cannot be judged (device silent)")
+    quality: list[str] = Field(
+        default_factory=list, description="device quality flags on the value that caused it, e.g. low_perfusion"
+    )
+    since: str | None = Field(None, description="UTC time the alarm was raised")
     metric: str | None = None
     value: float | None = Field(None, description="the value that caused the transition")
     limit: float | None = None
@@ -108,6 +120,16 @@ class SessionMessage(_Envelope):
     baseline: dict[str, float] = Field(default_factory=dict, description="the session's first valid blood pressure")
 
 
+class RoomModeMessage(_Envelope):
+    type: Literal["room_mode"]
+    mode: Literal["standby", "monitoring"] = Field(
+        description="standby: nobody is monitored in this room; its physiological and device alarms are suspended"
+    )
+    until: str | None = Field(None, description="UTC time standby ends on its own")
+    role: str | None = Field(None, description="who set it: a role, never a name")
+    reason: str = Field("", description="why monitoring resumed: standby ended, standby expired, session started")
+
+
 class DeviceCommand(BaseModel):
     """Sent to `.../{room}/{device}/command`. `id` is echoed in the reply so the sender can match it."""
 
@@ -122,9 +144,12 @@ class RoomCommand(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=64)
-    action: Literal["acknowledge", "silence", "start_session", "stop_session"]
+    action: Literal["acknowledge", "silence", "start_session", "stop_session", "standby", "end_standby"]
     alarm_id: str | None = Field(None, max_length=200, description="for acknowledge and silence")
     silence_s: float = Field(120.0, gt=0, le=600, description="for silence")
+    standby_s: float = Field(
+        STANDBY_DEFAULT_S, ge=60, le=STANDBY_MAX_S, description="for standby: it ends on its own after this long"
+    )
     operator_role: str | None = Field(None, max_length=32, description="a role (nurse, physician), never a name")
 
     @model_validator(mode="after")
@@ -237,6 +262,20 @@ def alarm_record(origin: dict[str, str], seq: int, event: AlarmEvent, profile: s
         "role": event.role,
         "profile": profile,
         "example_profile": example,
+        "indeterminate": event.indeterminate,
+        "quality": list(event.quality),
+        "since": None if event.since is None else iso_utc(event.since),
+    }
+
+
+def room_mode_record(origin: dict[str, str], seq: int, event: RoomModeEvent) -> dict[str, Any]:
+    return {
+        **_envelope(origin, seq, event.time),
+        "type": "room_mode",
+        "mode": event.mode,
+        "until": None if event.until is None else iso_utc(event.until),
+        "role": event.role,
+        "reason": event.reason,
     }
 
 
@@ -294,6 +333,7 @@ def schema_document() -> dict[str, Any]:
         WaveformMessage,
         AlarmMessage,
         SessionMessage,
+        RoomModeMessage,
         GatewayStatusMessage,
         DeviceCommand,
         RoomCommand,

@@ -55,6 +55,8 @@ def to_point(record: dict[str, Any]) -> Point | None:
         for name in ("alarm_id", "priority", "transition", "message", "profile"):
             point.field(name, record[name])
         point.field("active", bool(record["active"]))
+        point.field("indeterminate", bool(record.get("indeterminate", False)))
+        point.field("quality", ",".join(record.get("quality", [])))
         point.field("role", record["role"] or "")
         for name in ("value", "limit"):
             if record.get(name) is not None:
@@ -74,6 +76,12 @@ def to_point(record: dict[str, Any]) -> Point | None:
         point.field("session_id", record["session_id"])
         for name, value in record["baseline"].items():
             point.field(f"baseline_{name}", float(value))
+    elif kind == "room_mode":
+        point = Point("room_mode")
+        point.field("mode", record["mode"])
+        point.field("standby", record["mode"] == "standby")
+        point.field("until", record["until"] or "")
+        point.field("reason", record["reason"])
     else:
         return None
     for tag in TAGS:

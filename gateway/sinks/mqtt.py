@@ -183,8 +183,8 @@ class MqttSink:
             routed = [(f"{base}/events", payload, False)]
             topic = f"{base}/active/{device}/{record['rule']}"
             return [*routed, (topic, active, True)] if self._newest(topic, record) else routed
-        if kind == "session":
-            topic = f"{prefix}/{site}/{room}/session"
+        if kind in ("session", "room_mode"):
+            topic = f"{prefix}/{site}/{room}/{'session' if kind == 'session' else 'mode'}"
             return [(topic, payload, True)] if self._newest(topic, record) else []
         return [(device_topic(prefix, site, room, device, kind), payload, False)]
 
