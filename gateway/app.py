@@ -13,6 +13,7 @@ from typing import Any
 from devices.base import DeviceStatus, Reading, Waveform
 from gateway.alarms import AlarmEngine, EngineEvent, RoomModeEvent, SessionEvent
 from gateway.backoff import Backoff
+from gateway.clock import ClockCheck
 from gateway.commands import CommandRouter
 from gateway.config import Config
 from gateway.delivery import SinkWorker
@@ -36,6 +37,7 @@ from gateway.sinks.influx import InfluxSink
 from gateway.sinks.mqtt import MqttSink
 
 log = logging.getLogger(__name__)
+CLOCK_CHECK_S = 60.0
 
 
 def package_version() -> str:
@@ -84,6 +86,7 @@ class Gateway:
         self.alarms = AlarmEngine(self.profile, schedules, stale)
         self._alarm_origins = dict(self._origins)
         self._alarm_origins[f"_gateway/{g.id}"] = gateway_origin(g.site, g.id)
+        self.clock = ClockCheck(cfg.influx)  # InfluxDB's Date header: the clock the wall's staleness is judged by
         self.router = CommandRouter(cfg.mqtt.topic_prefix, g.site, {s.key: s for s in self.sessions}, self)
 
     def _command(self, topic: str, payload: bytes) -> bytes:
@@ -187,6 +190,18 @@ class Gateway:
             self._alarm_events(self.alarms.on_gateway(self.cfg.gateway.id, self.mqtt.connected, fill, now))
             await asyncio.sleep(self.cfg.alarms.tick_s)
 
+    async def _clock_loop(self) -> None:
+        """The gateway's clock against the database's, every CLOCK_CHECK_S: a skewed clock makes the wall show
+        stale values as live (gateway ahead) or live ones as NO DATA (behind). Unreachable: the alarm stays as is."""
+        while True:
+            reading = await self.clock.measure()
+            if reading is not None:
+                events = self.alarms.on_clock(
+                    self.cfg.gateway.id, reading.skew_s, reading.uncertainty_s, reading.server, time.time()
+                )
+                self._alarm_events(events)
+            await asyncio.sleep(CLOCK_CHECK_S)
+
     async def status(self) -> dict[str, Any]:
         backlog = await self.outbox.backlog()
         return {
@@ -256,7 +271,8 @@ class Gateway:
         sessions = [asyncio.create_task(s.run(), name=f"device-{s.key}") for s in self.sessions]
         status = asyncio.create_task(self._status_loop(), name="status")
         alarms = asyncio.create_task(self._alarm_loop(), name="alarms")
-        everything = [committer, *workers, *sessions, status, alarms]
+        clock = asyncio.create_task(self._clock_loop(), name="clock")
+        everything = [committer, *workers, *sessions, status, alarms, clock]
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopper, *everything], return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -264,7 +280,7 @@ class Gateway:
                 log.error("task %s failed: %r", task.get_name(), task.exception())
         if health is not None:
             health.ready = False
-        await self._shutdown(committer, workers, [*sessions, status, alarms, stopper])
+        await self._shutdown(committer, workers, [*sessions, status, alarms, clock, stopper])
         if health is not None:
             await health.stop()
 

@@ -148,7 +148,7 @@ class RoomCommand(BaseModel):
     alarm_id: str | None = Field(None, max_length=200, description="for acknowledge and silence")
     silence_s: float = Field(120.0, gt=0, le=600, description="for silence")
     standby_s: float = Field(
-        STANDBY_DEFAULT_S, ge=60, le=STANDBY_MAX_S, description="for standby: it ends on its own after this long"
+        STANDBY_DEFAULT_S, gt=0, le=STANDBY_MAX_S, description="for standby: it ends on its own after this long"
     )
     operator_role: str | None = Field(None, max_length=32, description="a role (nurse, physician), never a name")
 
