@@ -9,6 +9,8 @@ Rules kept here:
   a silent device never shows an old number as if it were current (Grafana's "last" is the last one, however old).
 - Colours and limit lines of SpO2, pulse rate and blood pressure come from the alarm profile's rules, so the wall
   and the alarms never disagree. The shipped example profile is labelled as such wherever it is shown.
+- A room in standby says STANDBY (never green), and an alarm whose condition cannot be determined (stale or unusable
+  data) says so on its row: neither may look like an ordinary state.
 
 The grafana-foundation-sdk build pinned here (Grafana 11.6) has no InfluxDB query builder: `InfluxQLQuery` below is
 the small dataquery variant it lacks, in the SDK's own shape (a `cogvariants.Dataquery` with `to_json`).
@@ -35,6 +37,7 @@ from grafana_foundation_sdk.models.text import TextMode
 
 from devices.base import DeviceState
 from gateway.alarms import PRIORITIES, AlarmProfile, Priority, ThresholdRule
+from gateway.records import STANDBY_MAX_S
 
 GENERATED_DIR = Path(__file__).parent / "generated"
 
@@ -46,6 +49,9 @@ LIVE_WINDOW = "10s"  # a live tile shows nothing older than this
 BP_WINDOW = "30m"  # the last blood pressure is shown this long, with its age
 SESSION_WINDOW = "24h"  # the last session start/stop looked at
 ACTIVE_ALARM_WINDOW = "7d"  # an alarm raised longer ago than this and never cleared is not shown as active
+# Standby lasts at most STANDBY_MAX_S (24 h) and its end is written as a `monitoring` point; looking back a little
+# longer than that bounds a standby whose end point was lost (1445m: InfluxQL wants a single unit).
+STANDBY_WINDOW = f"{round(STANDBY_MAX_S / 60) + 5}m"
 NO_DATA = "NO DATA"
 EXAMPLE_LABEL = "example alarm limits, not advice"
 
@@ -53,6 +59,10 @@ ROOM_MATCH = '"room" =~ /^$room$/'  # Grafana formats $room as a regex alternati
 
 PRIORITY_COLOURS: dict[Priority, str] = {"high": "red", "medium": "yellow", "low": "blue"}
 OK_COLOUR = "green"
+STANDBY_COLOUR = "dark-blue"  # not green (nobody is monitored), not an alarm colour
+INDETERMINATE_COLOUR = "purple"  # unknown: neither an alarm priority nor all clear
+INDETERMINATE_TEXT = "cannot be determined"
+NONE = "transparent"  # no highlight: the theme's background, text in the theme's text colour
 
 STATE_COLOURS: dict[DeviceState, str] = {
     DeviceState.OK: "green",
@@ -214,14 +224,44 @@ def _reduce(fields: str = "") -> common_b.ReduceDataOptions:
     return common_b.ReduceDataOptions().values(False).calcs(["lastNotNull"]).fields(fields)
 
 
+ACTIVE_ALARM_COLUMNS = ("priority", "indeterminate", "device", "rule", "message", "value", "transition", "quality")
+
+
 def _active_alarms_query(room_condition: str) -> str:
-    """The last transition of every alarm (room/device/rule) in the window, kept when it left the alarm active."""
+    """The last transition of every alarm (room/device/rule) in the window, kept when it left the alarm active
+    (a suspended or cleared alarm is not). `indeterminate` is that of the last transition: every alarm point
+    carries it, so last() of it is the alarm's current state."""
     inner = (
         'SELECT last("active") AS "active", last("priority") AS "priority", last("message") AS "message", '
-        'last("transition") AS "transition", last("value") AS "value" '
+        'last("transition") AS "transition", last("value") AS "value", '
+        'last("indeterminate") AS "indeterminate", last("quality") AS "quality" '
         f'FROM "alarms" WHERE {room_condition} AND time > now() - {ACTIVE_ALARM_WINDOW} GROUP BY "device", "rule"'
     )
-    return f'SELECT "priority", "device", "rule", "message", "value", "transition" FROM ({inner}) WHERE "active" = true'
+    columns = ", ".join(f'"{c}"' for c in ACTIVE_ALARM_COLUMNS)
+    return f'SELECT {columns} FROM ({inner}) WHERE "active" = true'
+
+
+def _blank_when_empty(names: str) -> tuple[str, list[dash_m.DynamicConfigValue]]:
+    """An override for columns that may hold null or "" (no value, no quality flags, no role): Grafana shows a
+    field's "no value" text in such a cell, and a table's is its empty-panel message ("no active alarms")."""
+    return f"/^({names})$/", [dash_m.DynamicConfigValue(id_val="noValue", value="")]
+
+
+def _indeterminate_column() -> tuple[str, list[dash_m.DynamicConfigValue]]:
+    """true -> "cannot be determined" on the whole row (purple), so it never reads as an ordinary active alarm."""
+    return "indeterminate", [
+        dash_m.DynamicConfigValue(
+            id_val="mappings",
+            value=[_text_map({"true": (INDETERMINATE_TEXT, INDETERMINATE_COLOUR), "false": ("", NONE)})],
+        ),
+        dash_m.DynamicConfigValue(
+            id_val="custom.cellOptions",
+            value=common.TableColoredBackgroundCellOptions(
+                mode=common.TableCellBackgroundDisplayMode.BASIC, apply_to_row=True
+            ),
+        ),
+        dash_m.DynamicConfigValue(id_val="noValue", value=""),
+    ]
 
 
 class _Ids:
@@ -378,7 +418,7 @@ def _bp_age_stat(ids: _Ids, ds: dash_m.DataSourceRef) -> stat.Panel:
     )
 
 
-def _session_stat(ids: _Ids, ds: dash_m.DataSourceRef) -> stat.Panel:
+def _session_stat(ids: _Ids, ds: dash_m.DataSourceRef, height: int) -> stat.Panel:
     query = (
         'SELECT last("transition") AS "session" FROM "sessions" '
         f"WHERE {ROOM_MATCH} AND \"transition\" != 'baseline' AND time > now() - {SESSION_WINDOW}"
@@ -401,8 +441,37 @@ def _session_stat(ids: _Ids, ds: dash_m.DataSourceRef) -> stat.Panel:
         .graph_mode(common.BigValueGraphMode.NONE)
         .text_mode(common.BigValueTextMode.VALUE)
         .reduce_options(_reduce("/.*/"))
-        .height(7)
+        .height(height)
         .span(3)
+    )
+
+
+def _room_mode_stat(ids: _Ids, ds: dash_m.DataSourceRef, height: int, span: int) -> stat.Panel:
+    """STANDBY while the room's last room_mode point says so. No point in the window means monitoring, shown
+    uncoloured: neither state is green, so an empty answer never reads as all clear."""
+    query = f'SELECT last("mode") AS "mode" FROM "room_mode" WHERE {ROOM_MATCH} AND time > now() - {STANDBY_WINDOW}'
+    return (
+        stat.Panel()
+        .id(ids())
+        .title("Room mode")
+        .description(
+            "STANDBY: nobody is monitored in this room and its alarms are suspended (until it ends, expires, "
+            "or a session starts). From the room's last room_mode point; none in the last "
+            f"{STANDBY_MAX_S / 3600:g} h 5 min (standby lasts at most {STANDBY_MAX_S / 3600:g} h): monitoring."
+        )
+        .datasource(ds)
+        .with_target(InfluxQL(query, ds).table())
+        .mappings([_text_map({"standby": ("STANDBY", STANDBY_COLOUR), "monitoring": ("monitoring", NONE)})])
+        .no_value("monitoring")
+        .thresholds(_fixed(NONE))
+        .color_scheme(dash_b.FieldColor().mode(dash_m.FieldColorModeId.THRESHOLDS))
+        .color_mode(common.BigValueColorMode.BACKGROUND)
+        .graph_mode(common.BigValueGraphMode.NONE)
+        .text_mode(common.BigValueTextMode.VALUE)
+        .justify_mode(common.BigValueJustifyMode.CENTER)
+        .reduce_options(_reduce("/^mode$/"))
+        .height(height)
+        .span(span)
     )
 
 
@@ -414,14 +483,19 @@ def _active_alarms_table(
         .id(ids())
         .title(title)
         .description(
-            "Alarms whose last transition left them active (raised, escalated, acknowledged or silenced), "
-            "coloured by priority: high red, medium yellow, low blue."
+            "Alarms whose last transition left them active (raised, escalated, acknowledged, silenced, "
+            "indeterminate, resumed), coloured by priority: high red, medium yellow, low blue. A purple row "
+            f"says {INDETERMINATE_TEXT!r}: the device's data is stale or unusable, so whether the condition holds "
+            "now is not known (its value is the one that raised it). quality: the device's flags on that value. "
+            "Alarms suspended by standby are not active."
         )
         .datasource(ds)
         .with_target(InfluxQL(_active_alarms_query(room_condition), ds).table())
         .no_value("no active alarms")
         .cell_height(common.TableCellHeight.LG)
         .override_by_name(*_coloured_column("priority"))
+        .override_by_name(*_indeterminate_column())
+        .override_by_regexp(*_blank_when_empty("value|quality"))
         .override_by_field_type("time", [dash_m.DynamicConfigValue(id_val="custom.hidden", value=True)])
         .height(height)
         .span(span)
@@ -451,14 +525,21 @@ def wall(profile: AlarmProfile, ds: dash_m.DataSourceRef) -> dash_b.Dashboard:
     )
     row = dash_b.Row("Room $room").id(ids()).repeat("room")  # expanded: the panels below it belong to it
     board = board.with_row(row)
+    placed = row.build().grid_pos  # with_row placed the row under the panels above it
+    if placed is None:
+        raise RuntimeError("the SDK did not place the room row")
+    top = placed.y + 1
     board = board.with_panel(_live_stat(ids, ds, "SpO2", "spo2", "percent", limit_steps(profile, "spo2")))
     board = board.with_panel(
         _live_stat(ids, ds, "Pulse", "pulse_rate", "suffix: /min", limit_steps(profile, "pulse_rate"))
     )
     board = board.with_panel(_bp_stat(ids, ds, profile))
     board = board.with_panel(_bp_age_stat(ids, ds))
-    board = board.with_panel(_session_stat(ids, ds))
-    return board.with_panel(_active_alarms_table(ids, ds, "Active alarms", ROOM_MATCH, height=7, span=5))
+    # Room mode (3 high) above Session (4 high) in the column the session tile had alone: the row keeps its layout.
+    board = board.with_panel(_room_mode_stat(ids, ds, height=3, span=3))
+    board = board.with_panel(_active_alarms_table(ids, ds, "Active alarms", ROOM_MATCH, height=7, span=5))
+    session = _session_stat(ids, ds, height=4).grid_pos(dash_m.GridPos(h=4, w=3, x=16, y=top + 3))
+    return board.with_panel(session)
 
 
 # --- room detail ---------------------------------------------------------------------------------------------
@@ -542,21 +623,28 @@ def room_detail(profile: AlarmProfile, ds: dash_m.DataSourceRef) -> dash_b.Dashb
         .color_scheme(dash_b.FieldColor().mode(dash_m.FieldColorModeId.FIXED).fixed_color("text"))
         .show_value(common.VisibilityMode.AUTO)
         .height(6)
-        .span(24)
+        .span(20)
     )
     board = board.with_panel(status)
+    board = board.with_panel(_room_mode_stat(ids, ds, height=6, span=4))
     history_query = (
-        'SELECT "priority", "alarm_kind", "device", "rule", "transition", "value", "limit", "message", "role" '
+        'SELECT "priority", "alarm_kind", "device", "rule", "transition", "value", "limit", "quality", "message", '
+        '"role" '
         f'FROM "alarms" WHERE {ROOM_MATCH} AND $timeFilter ORDER BY time DESC LIMIT 500'
     )
     history = (
         table.Panel()
         .id(ids())
         .title("Alarm history")
-        .description("Every alarm transition of the room in the time range, newest first (the value that caused it).")
+        .description(
+            "Every alarm transition of the room in the time range, newest first (the value that caused it, the "
+            "device's quality flags on it). indeterminate: its condition could not be determined from then on "
+            "(stale or unusable data); resumed: fresh data again; suspended: ended by standby."
+        )
         .datasource(ds)
         .with_target(InfluxQL(history_query, ds).table())
         .override_by_name(*_coloured_column("priority"))
+        .override_by_regexp(*_blank_when_empty("value|limit|quality|message|role"))
         .no_value("no alarms in this time range")
         .height(10)
         .span(16)
@@ -574,6 +662,7 @@ def room_detail(profile: AlarmProfile, ds: dash_m.DataSourceRef) -> dash_b.Dashb
         .datasource(ds)
         .with_target(InfluxQL(sessions_query, ds).table())
         .no_value("no session events in this time range")
+        .override_by_regexp(*_blank_when_empty("baseline_.*"))
         .height(10)
         .span(8)
     )
@@ -719,6 +808,7 @@ def gateway_health(profile: AlarmProfile, ds: dash_m.DataSourceRef) -> dash_b.Da
         .datasource(ds)
         .with_target(InfluxQL(technical, ds).table())
         .override_by_name(*_coloured_column("priority"))
+        .override_by_regexp(*_blank_when_empty("value|message"))
         .no_value("no technical alarms in this time range")
         .height(10)
         .span(14)
@@ -735,6 +825,7 @@ def gateway_health(profile: AlarmProfile, ds: dash_m.DataSourceRef) -> dash_b.Da
         .datasource(ds)
         .with_target(InfluxQL(gateway_alarms, ds).table())
         .override_by_name(*_coloured_column("priority"))
+        .override_by_regexp(*_blank_when_empty("value|message"))
         .no_value("no gateway alarms in this time range")
         .height(10)
         .span(10)

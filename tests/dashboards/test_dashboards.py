@@ -26,10 +26,12 @@ from dashboards.push import GrafanaPushError, main_build, push
 from devices.base import DeviceState, DeviceStatus, Reading
 from devices.registry import get_model
 from gateway.alarms import (
+    ENDING,
     EXAMPLE_KETAMINE_PROFILE,
     AlarmEvent,
     AlarmProfile,
     Priority,
+    RoomModeEvent,
     SessionEvent,
     ThresholdRule,
     Transition,
@@ -40,6 +42,7 @@ from gateway.records import (
     gateway_status_record,
     origin_for,
     reading_record,
+    room_mode_record,
     room_origin,
     session_record,
     status_record,
@@ -90,6 +93,81 @@ def test_wall_repeats_a_row_per_room_and_live_tiles_are_bounded() -> None:
         assert "$timeFilter" not in target["query"]  # the dashboard's range must not widen a live tile
     assert "time > now() - 30m" in _panel(wall, "BP")["targets"][0]["query"]
     assert _panel(wall, "BP taken")["fieldConfig"]["defaults"]["unit"] == "dateTimeFromNow"
+
+
+def _box(panel: dict[str, Any]) -> tuple[int, int, int, int]:
+    pos = panel["gridPos"]
+    return pos["x"], pos["y"], pos["x"] + pos["w"], pos["y"] + pos["h"]
+
+
+@pytest.mark.parametrize("example", [True, False], ids=["example-profile", "site-profile"])
+def test_wall_room_row_keeps_its_layout_with_the_room_mode_tile(example: bool) -> None:
+    """The room mode tile shares the session tile's column: the room row stays 24 wide and 7 high, nothing
+    overlaps (with or without the example banner above it, which moves the row)."""
+    profile = EXAMPLE_KETAMINE_PROFILE if example else AlarmProfile(name="site", rules=EXAMPLE_KETAMINE_PROFILE.rules)
+    panels = build_all(profile)["wall"]["panels"]
+    (row_index,) = [i for i, p in enumerate(panels) if p["type"] == "row"]
+    top = panels[row_index]["gridPos"]["y"] + 1
+    boxes = {p["title"]: _box(p) for p in panels[row_index + 1 :]}
+    assert min(b[1] for b in boxes.values()) == top and max(b[3] for b in boxes.values()) == top + 7
+    assert sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes.values()) == 24 * 7  # the row, exactly filled
+    for a, (ax0, ay0, ax1, ay1) in boxes.items():
+        for b, (bx0, by0, bx1, by1) in boxes.items():
+            assert a == b or ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, f"{a} overlaps {b}"
+    assert boxes["Room mode"] == (16, top, 19, top + 3) and boxes["Session"] == (16, top + 3, 19, top + 7)
+
+
+def test_standby_and_indeterminate_never_look_ok() -> None:
+    """STANDBY and 'cannot be determined' have colours of their own, and an empty answer is never green."""
+    boards = build_all(EXAMPLE_KETAMINE_PROFILE)
+    for name in ("wall", "room"):
+        mode = _panel(boards[name], "Room mode")
+        defaults = mode["fieldConfig"]["defaults"]
+        (mapping,) = defaults["mappings"]
+        assert mapping["options"]["standby"]["text"] == "STANDBY"
+        colours = {m["color"] for m in mapping["options"].values()} | {
+            t["color"] for t in defaults["thresholds"]["steps"]
+        }
+        assert "green" not in colours and defaults["color"]["mode"] == "thresholds"
+        assert defaults["noValue"] == "monitoring"  # no room_mode point: the room is monitored, uncoloured
+        assert mode["options"]["colorMode"] == "background" and mode["options"]["reduceOptions"]["fields"] == "/^mode$/"
+        (target,) = mode["targets"]
+        assert "time > now() - 1445m" in target["query"] and "$timeFilter" not in target["query"]
+
+        alarms = _panel(boards[name], "Active alarms")
+        shown = _column_mapping(alarms, "indeterminate")
+        assert shown["true"]["text"] == "cannot be determined" and shown["true"]["color"] not in ("green", "red")
+        assert shown["false"]["text"] == ""
+        (cells,) = _override(alarms, "indeterminate", "custom.cellOptions")
+        assert cells == {"type": "color-background", "mode": "basic", "applyToRow": True}
+        # an empty quality or value cell stays empty instead of showing the table's "no active alarms"
+        for column in ("quality", "value", "indeterminate"):
+            assert _override(alarms, column, "noValue") == [""], column
+
+
+def _override(panel: dict[str, Any], column: str, prop: str) -> list[Any]:
+    """The values of property `prop` that the panel's overrides give the column `column`."""
+    found = []
+    for override in panel["fieldConfig"]["overrides"]:
+        matcher = override["matcher"]
+        hit = (matcher["id"] == "byName" and matcher["options"] == column) or (
+            matcher["id"] == "byRegexp" and re.fullmatch(matcher["options"].strip("/"), column)
+        )
+        found += [p["value"] for p in override["properties"] if hit and p["id"] == prop]
+    return found
+
+
+def _column_mapping(panel: dict[str, Any], column: str) -> dict[str, dict[str, Any]]:
+    (mappings,) = _override(panel, column, "mappings")
+    (mapping,) = mappings
+    options: dict[str, dict[str, Any]] = mapping["options"]
+    return options
+
+
+def _shown(value: Any, options: dict[str, dict[str, Any]]) -> Any:
+    """What a value mapping makes of a value: Grafana looks it up by its string form (true -> "true")."""
+    key = json.dumps(value) if isinstance(value, bool) else str(value)
+    return options[key]["text"] if key in options else value
 
 
 # --- thresholds follow the profile ---------------------------------------------------------------------------
@@ -177,6 +255,9 @@ def _points(now: float) -> str:
     for i in range(300, 60, -2):  # room 2: nothing in the last 60 s
         records.append(reading_record(ox2, nxt(), now - i, Reading({"spo2": 95.0, "pulse_rate": 80.0})))
     records.append(status_record(ox2, nxt(), now - 55, DeviceStatus(DeviceState.NO_DATA)))
+    ox3 = origin_for(SITE, "3", "oximeter", ox)  # room 3: empty, in standby for the last 4000 s
+    for i in range(5020, 5000, -2):  # before the dashboards' 1 h range
+        records.append(reading_record(ox3, nxt(), now - i, Reading({"spo2": 96.0, "pulse_rate": 70.0})))
 
     def alarm(
         origin: dict[str, str], rule: str, priority: Priority, transition: Transition, ago: float, **extra: Any
@@ -193,15 +274,25 @@ def _points(now: float) -> str:
             kind,
             priority,
             transition,
-            active=transition != "cleared",
+            active=transition not in ENDING,
             time=now - ago,
             **extra,
         )
         records.append(alarm_record(origin, nxt(), event, PROFILE, True))
 
     spo2 = {"metric": "spo2", "message": "SpO2 low", "limit": 92.0}
-    alarm(ox1, "spo2-low", "medium", "raised", 5, value=90.0, **spo2)
+    # room 1: spo2-low went indeterminate during the flagged reading and resumed with fresh data
+    alarm(ox1, "spo2-low", "medium", "raised", 35, value=90.0, **spo2)
+    alarm(ox1, "spo2-low", "medium", "indeterminate", 30, value=90.0, indeterminate=True, **spo2)
+    alarm(ox1, "spo2-low", "medium", "resumed", 28, value=90.0, **spo2)
     alarm(ox2, "no_data", "high", "raised", 55, message="no data")
+    # room 2: spo2-low raised on a low-perfusion value, then the oximeter fell silent: indeterminate
+    low_pi = {"value": 91.0, "quality": ("low_perfusion",), **spo2}
+    alarm(ox2, "spo2-low", "medium", "raised", 100, **low_pi)
+    alarm(ox2, "spo2-low", "medium", "indeterminate", 58, indeterminate=True, **low_pi)
+    # room 3: its no_data alarm was suspended when the room went to standby
+    alarm(ox3, "no_data", "high", "raised", 4990, message="no data")
+    alarm(ox3, "no_data", "high", "suspended", 4000, message="no data", role="nurse")
     very_low = {"metric": "spo2", "message": "SpO2 very low", "limit": 88.0}
     alarm(ox2, "spo2-very-low", "high", "raised", 200, value=86.0, **very_low)
     alarm(ox2, "spo2-very-low", "high", "cleared", 150, value=93.0, **very_low)
@@ -210,7 +301,15 @@ def _points(now: float) -> str:
     alarm(gw, "broker_lost", "high", "cleared", 1200, message="no MQTT connection")
     alarm(gw, "outbox_filling", "medium", "raised", 1500, value=0.85, message="outbox filling")
 
-    room1 = room_origin(SITE, "1")
+    room1, room2, room3 = (room_origin(SITE, r) for r in ("1", "2", "3"))
+    # room 1 was in standby until its session started; room 2's standby point is older than any standby lasts
+    # (its end point lost): neither is in standby now. Room 3 is.
+    records.append(room_mode_record(room1, nxt(), RoomModeEvent("1", "standby", now - 3000, now + 11400, "nurse")))
+    records.append(
+        room_mode_record(room1, nxt(), RoomModeEvent("1", "monitoring", now - 1500, reason="session started"))
+    )
+    records.append(room_mode_record(room2, nxt(), RoomModeEvent("2", "standby", now - 25 * 3600, now - 21 * 3600)))
+    records.append(room_mode_record(room3, nxt(), RoomModeEvent("3", "standby", now - 4000, now + 10400, "nurse")))
     records.append(session_record(room1, nxt(), SessionEvent("1", "started", now - 1500, "s-1", now - 1500)))
     base = {"nibp_systolic": 128.0, "nibp_diastolic": 82.0, "nibp_mean": 97.0}
     records.append(session_record(room1, nxt(), SessionEvent("1", "baseline", now - 600, "s-1", now - 1500, base)))
@@ -242,20 +341,24 @@ def substitute(query: str, room: str = "1") -> str:
     )
 
 
+ACTIVE_COLUMNS = ["time", "priority", "indeterminate", "device", "rule", "message", "value", "transition", "quality"]
+
 # (dashboard, panel title) -> the columns its query returns for room 1
 EXPECTED_COLUMNS: dict[tuple[str, str], list[str]] = {
-    ("wall", "Gateway alarms"): ["time", "priority", "device", "rule", "message", "value", "transition"],
+    ("wall", "Gateway alarms"): ACTIVE_COLUMNS,
     ("wall", "SpO2"): ["time", "SpO2"],
     ("wall", "Pulse"): ["time", "Pulse"],
     ("wall", "BP"): ["time", "SYS", "DIA", "MAP"],
     ("wall", "BP taken"): ["time", "SYS"],
+    ("wall", "Room mode"): ["time", "mode"],
     ("wall", "Session"): ["time", "session"],
-    ("wall", "Active alarms"): ["time", "priority", "device", "rule", "message", "value", "transition"],
+    ("wall", "Active alarms"): ACTIVE_COLUMNS,
     ("room", "SpO2"): ["time", "SpO2", "SpO2 min"],
     ("room", "Pulse rate"): ["time", "pulse"],
     ("room", "Blood pressure"): ["time", "SYS", "DIA", "MAP"],
-    ("room", "Active alarms"): ["time", "priority", "device", "rule", "message", "value", "transition"],
+    ("room", "Active alarms"): ACTIVE_COLUMNS,
     ("room", "Device status"): ["time", "state"],
+    ("room", "Room mode"): ["time", "mode"],
     ("room", "Alarm history"): [
         "time",
         "priority",
@@ -265,6 +368,7 @@ EXPECTED_COLUMNS: dict[tuple[str, str], list[str]] = {
         "transition",
         "value",
         "limit",
+        "quality",
         "message",
         "role",
     ],
@@ -304,7 +408,7 @@ def test_every_panel_query_runs_on_the_real_influxdb(influxd: Any, influx_db: st
 
     # the $room variable lists the rooms that report vitals
     (rooms,) = influxd.query(influx_db, boards["wall"]["templating"]["list"][0]["query"])
-    assert [v[1] for v in rooms["values"]] == ["1", "2"]
+    assert [v[1] for v in rooms["values"]] == ["1", "2", "3"]
 
     wall = dict(panel_queries(boards["wall"]))
     # LIVE: room 1 talks (its last trustworthy value), room 2 has been silent for 60 s: no row at all -> NO DATA
@@ -320,13 +424,42 @@ def test_every_panel_query_runs_on_the_real_influxdb(influxd: Any, influx_db: st
     # the session: running since its start (the baseline event is not the start)
     (session,) = _values(influxd.query(influx_db, substitute(wall["Session"], "1")))
     assert session["session"] == "started" and abs(session["time"] / 1e9 - (now - 1500)) < 1
-    # active alarms: room 1's spo2-low; in room 2 the no_data alarm, not the cleared spo2-very-low
+    # active alarms: room 1's spo2-low, determinate again (resumed); in room 2 the no_data alarm and the
+    # spo2-low whose condition cannot be determined (with the quality of the value that raised it), not the
+    # cleared spo2-very-low; in room 3 nothing: its alarm was suspended by standby
+    shown = _column_mapping(_panel(boards["wall"], "Active alarms"), "indeterminate")
     active1 = _values(influxd.query(influx_db, substitute(wall["Active alarms"], "1")))
-    assert [(a["rule"], a["priority"], a["value"]) for a in active1] == [("spo2-low", "medium", 90)]
+    assert [
+        (a["rule"], a["priority"], a["value"], a["transition"], _shown(a["indeterminate"], shown)) for a in active1
+    ] == [("spo2-low", "medium", 90, "resumed", "")]
     active2 = _values(influxd.query(influx_db, substitute(wall["Active alarms"], "2")))
-    assert [(a["rule"], a["priority"]) for a in active2] == [("no_data", "high")]
+    assert [(a["rule"], a["priority"], _shown(a["indeterminate"], shown), a["quality"]) for a in active2] == [
+        ("no_data", "high", "", ""),
+        ("spo2-low", "medium", "cannot be determined", "low_perfusion"),
+    ]
+    assert influxd.query(influx_db, substitute(wall["Active alarms"], "3")) == []
+    # room mode: STANDBY only in room 3; room 1 resumed monitoring; room 2's 25-hour-old standby is out of the
+    # window, and no row at all shows the panel's "monitoring"
+    for which in ("wall", "room"):
+        panel = _panel(boards[which], "Room mode")
+        (mapping,) = panel["fieldConfig"]["defaults"]["mappings"]
+        query = dict(panel_queries(boards[which]))["Room mode"]
+        for room, expected in (("1", "monitoring"), ("2", "monitoring"), ("3", "STANDBY")):
+            rows = _values(influxd.query(influx_db, substitute(query, room)))
+            mode = [_shown(r["mode"], mapping["options"]) for r in rows] or [
+                panel["fieldConfig"]["defaults"]["noValue"]
+            ]
+            assert mode == [expected], (which, room, rows)
+    assert influxd.query(influx_db, substitute(wall["Room mode"], "2")) == []
     gateway = _values(influxd.query(influx_db, wall["Gateway alarms"]))
     assert [a["rule"] for a in gateway] == ["outbox_filling"]  # broker_lost has cleared
+
+    detail = dict(panel_queries(boards["room"]))
+    history = _values(influxd.query(influx_db, substitute(detail["Alarm history"], "2")))
+    assert [(a["rule"], a["transition"], a["quality"]) for a in history if a["rule"] == "spo2-low"] == [
+        ("spo2-low", "indeterminate", "low_perfusion"),
+        ("spo2-low", "raised", "low_perfusion"),
+    ]
 
     health = dict(panel_queries(boards["gateway"]))
     technical = _values(influxd.query(influx_db, substitute(health["Technical alarms"])))
