@@ -24,12 +24,27 @@ DF2 and DF7 [2+]: 5-byte frames, 75 frames/s, 25 frames = one packet (3 packets/
 DF8 [2+]: 4 bytes once a second, `STATUS1 HR SpO2 STATUS2`, NO checksum. STATUS1: b7 = 1, b6 SNSD ([1],
 drphrozen; reserved in the 9560 spec), b5 OOT, b4 LPRF (low perfusion), b3 MPRF (marginal), b2 ARTF, b1:0 HR
 bits 8:7. HR and SpO2 bytes have b7 = 0. STATUS2: b7 = 0, b5 SPA, b3 SNSA, b0 LOW BAT; b2 spot-check mode and
-b1 battery critical are [1] (drphrozen, other models). A record is accepted when the bit-7 pattern holds and HR
-and SpO2 are missing codes or within METRICS ranges; when acquiring sync (first record, or after skipped bytes)
-a record with both LPRF and MPRF set is refused too [guess: they are alternative levels], in lock it is read as
-low perfusion so such a device is not silenced. What this cannot catch, for want of a checksum: any flip of
-bits 0..6 that keeps the values plausible (SpO2 97 read as 96, HR 72 as 88, a status bit gained or lost), and a
-byte lost and replaced by noise that happens to fit the pattern.
+b1 battery critical are [1] (drphrozen, other models); b6 and b4 are named by no source. The bit-7 pattern and
+the value ranges let 1 offset in 35 of uniform noise pass as a record (read as such, 22,000 readings per MB of
+noise, one a second at 9600 baud), so what a record must prove depends on what came before it:
+- in lock (the previous record ended where this one starts, nothing skipped since): the bit-7 pattern and the
+  value ranges (METRICS, or the missing codes). A locked device is never dropped for what it says.
+- after at most QUICK_RESYNC_BYTES skipped bytes (a port opened mid-record, a damaged or lost byte): one record,
+  which must also not have LPRF and MPRF together [guess: they are alternative levels], and must follow one of
+  the last two accepted records that are at most REF_FRESH_S old (`_follows`: slow status bits unchanged, SpO2
+  and HR within SPO2_STEP / HR_STEP; two, because the last may be noise read in lock); with no such record (a
+  connect, or after a silence), STATUS2 b6 and b4 must be clear instead [guess: unnamed bits read 0; a device
+  that sets them only waits for the lock-in].
+- after a longer run of bytes that were no records (noise, another format before the set-format command took
+  effect): LOCK_IN_RECORDS consecutive records, each following the one before. The first LOCK_IN_RECORDS - 1 are
+  held back (one RESYNC error), so a device's first reading after such a run comes 2 s late. In noise a 2-record
+  lock-in passes 3 times per MB and each further record 1 time in 10^4: about once per 3 GB.
+What this cannot catch, for want of a checksum: any flip of bits 0..6 that keeps the values plausible (SpO2 97
+read as 96, HR 72 as 88, a status bit gained or lost); a noise burst whose first 4 bytes fit the pattern, read in
+lock (1 burst in 36 that starts right after a record); on a fresh connection to a line that carries only noise,
+a record among its first QUICK_RESYNC_BYTES + 1 offsets (1 connection in 10; 1 in 240 without a quality flag);
+and, within QUICK_RESYNC_BYTES after such a reading, a record that follows it (1 in 600). Then the lock-in rule
+applies. A reading or two cannot raise an alarm (every rule waits its `delay_s` on fresh data).
 
 Host command [2+]: select data format `02 70 02 02 FF 03` (FF = 0x02, 0x07, 0x08, 0x0D), answered by ACK 0x06 or
 NAK 0x15 only within the first 5 s after connecting; the format persists in the device, so a gateway sets it on
@@ -53,6 +68,7 @@ garbage is reported once more bytes follow it.
 from __future__ import annotations
 
 import math
+import re
 from enum import Enum
 from typing import ClassVar
 
@@ -92,6 +108,13 @@ RETRY_AFTER_S = 2.0  # [guess]
 REPLY_WINDOW_S = 8.0  # how long after the first send a 0x06 / 0x15 byte counts as the reply
 RUN_CAP = 1024  # a longer run of skipped bytes is reported in pieces (about 1 s of data)
 PERFUSION_HOLD_PACKETS = 9  # 3 s: one pulse marker at 20 /min or more
+# DF8 sync (module docstring). Steps and slow bits are [guess]es, generous on purpose: they only decide whether to
+# trust the line again, never drop a record in lock.
+QUICK_RESYNC_BYTES = 20  # five records' worth: a partial record at connect, a glitch
+LOCK_IN_RECORDS = 3  # after a longer run of non-records: 2 s before the first reading
+REF_FRESH_S = 5.0  # the DF8 spec's stale_after_s: an older record says nothing about the next one
+SPO2_STEP = 10  # display SpO2 (4-beat average, updated every 1.5 s) between consecutive records, in %
+HR_STEP = 40  # display HR between consecutive records, in /min
 
 # Float byte per frame, 0-based frame index.
 F_HR_MSB, F_HR_LSB, F_SPO2, F_SREV = 0, 1, 2, 3
@@ -114,6 +137,10 @@ STAT2_SPA = 0x20
 # DF8 STATUS1 / STATUS2.
 S1_ARTF, S1_MPRF, S1_LPRF, S1_OOT, S1_SNSD = 0x04, 0x08, 0x10, 0x20, 0x40
 S2_LOW_BAT, S2_BATT_CRITICAL, S2_SPOT_CHECK, S2_SNSA, S2_SPA = 0x01, 0x02, 0x04, 0x08, 0x20
+S2_UNNAMED = 0x50  # b6, b4: named by no source
+# Bits that hold for minutes (a sensor plugged, a battery state, a mode), not from one second to the next.
+S1_SLOW = S1_SNSD
+S2_SLOW = S2_LOW_BAT | S2_BATT_CRITICAL | S2_SPOT_CHECK
 
 STATE_ORDER: tuple[tuple[str, DeviceState], ...] = (
     ("no_sensor", DeviceState.NO_SENSOR),
@@ -472,45 +499,142 @@ class NoninDF7Driver(_PacketDriver):
         return (frame[1] << 8) | frame[2]
 
 
+def _follows(prev: bytes, rec: bytes) -> bool:
+    """Whether DF8 record `rec` can be the one after `prev` from the same device: slow status bits unchanged and
+    display values within a step of each other (a missing value may come or go)."""
+    if (prev[0] ^ rec[0]) & S1_SLOW or (prev[3] ^ rec[3]) & S2_SLOW:
+        return False
+    if MISSING_SPO2 not in (prev[2], rec[2]) and abs(prev[2] - rec[2]) > SPO2_STEP:
+        return False
+    hr_prev, hr = decode_hr(prev[0], prev[1]), decode_hr(rec[0], rec[1])
+    return MISSING_HR in (hr_prev, hr) or abs(hr_prev - hr) <= HR_STEP
+
+
+# Where a DF8 record can start: the bit-7 pattern, whole or cut short by the end of the buffer.
+DF8_CANDIDATE = re.compile(rb"[\x80-\xff](?:[\x00-\x7f]{3}|[\x00-\x7f]{0,2}\Z)")
+DF8_CANDIDATE_OR_REPLY = re.compile(rb"[\x06\x15]|[\x80-\xff](?:[\x00-\x7f]{3}|[\x00-\x7f]{0,2}\Z)")
+
+
+class _Sync(Enum):
+    LOCKED = "locked"
+    QUICK = "quick"  # one record after a short run of skipped bytes
+    LOCK_IN = "lock_in"  # LOCK_IN_RECORDS consecutive records after a longer run
+
+
 class NoninDF8Driver(_NoninDriver):
     spec: ClassVar[DeviceSpec] = SPEC_DF8
     data_format = FORMAT_DF8
 
     def __init__(self) -> None:
         super().__init__()
-        self._locked = False  # the previous record ended where this one starts
+        # The last two accepted records and when: the last may be noise that fit the pattern right after a record.
+        self._refs: list[tuple[bytes, float]] = []
+        self._since = 0  # bytes skipped since the last accepted record (or the start): 0 after a record is lock
+        self._now = 0.0
 
     def reset(self) -> None:
         super().reset()
-        self._locked = False
+        self._refs, self._since = [], 0
+
+    def _sync(self, i: int) -> _Sync:
+        before = self._since + i
+        if before == 0 and self._refs:
+            return _Sync.LOCKED
+        return _Sync.QUICK if before <= QUICK_RESYNC_BYTES else _Sync.LOCK_IN
 
     def _fit(self, buf: bytes, i: int) -> _Fit:
+        sync = self._sync(i)
+        if sync is _Sync.LOCKED:
+            return self._record_fit(buf, i)
+        if sync is _Sync.QUICK:
+            return self._quick_fit(buf, i)
+        for k in range(LOCK_IN_RECORDS):
+            fit = self._record_fit(buf, i + k * DF8_LEN)
+            if fit is _Fit.SHORT:
+                return fit
+            if fit is not _Fit.OK:
+                return fit if k == 0 else _Fit.HEADER
+            j = i + k * DF8_LEN
+            if k and not _follows(buf[j - DF8_LEN : j], buf[j : j + DF8_LEN]):
+                return _Fit.HEADER
+        return _Fit.OK
+
+    @staticmethod
+    def _record_fit(buf: bytes, i: int) -> _Fit:
+        """The bit-7 pattern (on the bytes there are) and the value ranges."""
         rec = buf[i : i + DF8_LEN]
-        if not rec[0] & 0x80 or any(b & 0x80 for b in rec[1:]):
+        if rec and (not rec[0] & 0x80 or any(b & 0x80 for b in rec[1:])):
             return _Fit.HEADER
-        if not self._locked and rec[0] & (S1_LPRF | S1_MPRF) == S1_LPRF | S1_MPRF:
-            return _Fit.HEADER  # contradictory perfusion levels: not a record to acquire sync on [guess]
         if len(rec) < DF8_LEN:
             return _Fit.SHORT
         if _value_error(rec[2], decode_hr(rec[0], rec[1])) is not None:
             return _Fit.RANGE
         return _Fit.OK
 
+    def _quick_fit(self, buf: bytes, i: int) -> _Fit:
+        rec = buf[i : i + DF8_LEN]
+        if rec and rec[0] & (S1_LPRF | S1_MPRF) == S1_LPRF | S1_MPRF:
+            return _Fit.HEADER  # contradictory perfusion levels: not a record to acquire sync on [guess]
+        fresh = [ref for ref, at in self._refs if self._now - at <= REF_FRESH_S]
+        if not fresh and len(rec) == DF8_LEN and rec[3] & S2_UNNAMED:
+            return _Fit.HEADER
+        fit = self._record_fit(buf, i)
+        if fit is _Fit.OK and fresh and not any(_follows(ref, rec) for ref in fresh):
+            return _Fit.HEADER
+        return fit
+
+    def _accept(self, rec: bytes, now: float) -> None:
+        self._refs = [*self._refs[-1:], (rec, now)]
+        self._since = 0
+
+    def _scan(self, buf: bytes, now: float) -> int:
+        """_NoninDriver._scan, jumping straight to the offsets that fit the bit-7 pattern (1 in 16 of noise):
+        every other offset fails every check at its first byte."""
+        candidate = DF8_CANDIDATE_OR_REPLY if self._awaiting_reply(now) else DF8_CANDIDATE
+        limit = min(len(buf), RUN_CAP - len(self._run))
+        i = 0
+        while (m := candidate.search(buf, i)) is not None and m.start() < limit:
+            i = m.start()
+            if buf[i] in (ACK, NAK):
+                return i
+            if self._fit(buf, i) in (_Fit.SHORT, _Fit.OK):
+                return i
+            i += 1
+        return limit
+
+    def _skip(self, data: bytes, kind: ErrorKind, reason: str) -> list[Event]:
+        self._since += len(data)
+        return super()._skip(data, kind, reason)
+
     def _decode(self, buf: bytes, now: float) -> tuple[int, list[Event]]:
+        self._now = now
         if buf[0] in (ACK, NAK) and self._awaiting_reply(now):
             return 1, self._take_reply(buf[0])
         fit = self._fit(buf, 0)
         if fit is _Fit.SHORT:
             return 0, []
         if fit is not _Fit.OK:
-            self._locked = False
             n = self._scan(buf, now)
             if n:
-                return self._skip_scanned(buf, n, "no DF8 record (bit-7 pattern)")
+                return self._skip_scanned(buf, n, "no DF8 record (bit-7 pattern, or not borne out by its neighbours)")
             if self._fit(buf, 0) is not _Fit.OK:
                 return 0, []
-        self._locked = True
-        s1, hr_lsb, spo2, s2 = buf[:DF8_LEN]
+        if self._sync(0) is _Sync.LOCK_IN:
+            held = buf[: (LOCK_IN_RECORDS - 1) * DF8_LEN]
+            events = self._end_run()
+            events.append(
+                ProtocolError(
+                    ErrorKind.RESYNC,
+                    f"{LOCK_IN_RECORDS - 1} records held back to confirm sync after {self._since} bytes that were no "
+                    f"records: without a checksum only {LOCK_IN_RECORDS} consecutive consistent records are trusted",
+                    held,
+                )
+            )
+            self._refs = []
+            self._accept(held[-DF8_LEN:], now)
+            return len(held), events
+        s1, hr_lsb, spo2, s2 = rec = buf[:DF8_LEN]
+        self._accept(rec, now)
         flags: list[str] = []
         for byte, bit, flag in (
             (s1, S1_SNSD, "no_sensor"),
@@ -529,7 +653,7 @@ class NoninDF8Driver(_NoninDriver):
         if "low_perfusion" in flags and "marginal_perfusion" in flags:
             flags.remove("marginal_perfusion")
         metrics = _metrics(spo2, decode_hr(s1, hr_lsb))
-        return DF8_LEN, [*self._end_run(), *self._emit(flags, (s1 << 8) | s2, metrics, buf[:DF8_LEN])]
+        return DF8_LEN, [*self._end_run(), *self._emit(flags, (s1 << 8) | s2, metrics, rec)]
 
 
 # --- encode (simulators) -------------------------------------------------------------------------------------
