@@ -166,7 +166,7 @@ def _print_stored(influx: Influxd, console: Console) -> None:
 async def run_demo(workdir: Path, duration: float | None, console: Console) -> None:
     async with running_demo(workdir, console) as demo:
         console.print("gateway running; the wall follows (Ctrl-C to stop)\n")
-        watch_task = asyncio.create_task(run_watch(demo.cfg.mqtt, SITE, None, console))
+        watch_task = asyncio.create_task(run_watch(demo.cfg.mqtt, SITE, None, console, profile=demo.cfg.alarms.build()))
         stop_requested = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -98,6 +98,7 @@ class Wall:
     alarms: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # room -> topic -> alarm
     sessions: dict[str, dict[str, Any]] = field(default_factory=dict)  # room -> latest session message
     modes: dict[str, dict[str, Any]] = field(default_factory=dict)  # room -> retained room_mode message
+    room_gateway: dict[str, str] = field(default_factory=dict)  # room -> the gateway that serves it
 
     def forget(self) -> None:
         """Drop everything learnt from the broker: after a reconnect the retained topics are re-sent, and an
@@ -107,6 +108,7 @@ class Wall:
         self.alarms.clear()
         self.sessions.clear()
         self.modes.clear()
+        self.room_gateway.clear()
 
     def apply(self, topic: str, payload: bytes) -> None:
         """Take one MQTT message; malformed ones are ignored (one bad publisher must not stop the wall)."""
@@ -141,7 +143,10 @@ class Wall:
             self.sessions[str(msg["room"])] = msg
             return
         if kind == "gateway":
-            self.gateways[str(msg.get("gateway"))] = msg
+            gateway = str(msg.get("gateway"))
+            self.gateways[gateway] = msg
+            for key in dict(msg.get("devices") or {}):  # room/device
+                self.room_gateway[str(key).split("/", 1)[0]] = gateway
             return
         if kind not in ("reading", "status") or msg.get("historical"):
             return  # replayed backlog is history, not the live state
@@ -185,9 +190,17 @@ class Wall:
                 f"(backlog mqtt {counters.get('backlog_mqtt', 0)}, influx {counters.get('backlog_influx', 0)})  ",
                 style="dim",
             )
+        gateway_alarms = Table.grid(padding=(0, 1))
+        self._alarm_rows(gateway_alarms, self.alarms.get("_gateway", {}), show_values=True)
         if not tiles:
             tiles = [Panel("waiting for data...", title="no rooms yet")]
-        return Group(header, Columns(tiles, equal=True, expand=False))
+        return Group(header, gateway_alarms, Columns(tiles, equal=True, expand=False))
+
+    def _gateway_offline(self, room: str) -> str | None:
+        gateway = self.room_gateway.get(room)
+        if gateway is None or self.gateways.get(gateway, {}).get("state") != "offline":
+            return None
+        return gateway
 
     def _alarm_rows(self, table: Table, alarms: dict[str, dict[str, Any]], show_values: bool) -> str:
         worst = "green"
@@ -217,6 +230,14 @@ class Wall:
             for name, view in sorted(devices.items()):  # which devices are there, never their values
                 table.add_row(Text(name, style="dim"), Text(view.state, style="dim"))
             return Panel(table, title=f"room {room} STANDBY", border_style="dim", width=34)
+        offline = self._gateway_offline(room)
+        if offline is not None:  # nobody is judging this room now: its alarms and values are not current
+            table.add_row(Text("GATEWAY", style="bold white on red"), Text(f"{offline} OFFLINE", style="bold red"))
+            table.add_row("", Text("alarms not current", style="bold red"))
+            self._alarm_rows(table, self.alarms.get(room, {}), show_values=False)
+            for name in sorted(devices):
+                table.add_row(Text(name, style="dim"), Text("unknown", style="bold red"))
+            return Panel(table, title=f"room {room}", border_style="red", width=34)
         worst = self._alarm_rows(table, self.alarms.get(room, {}), show_values=True)
         session = self.sessions.get(room)
         if session and session.get("transition") != "stopped":

@@ -250,3 +250,25 @@ def test_once_with_no_broker_exits_1_naming_the_broker(capsys: pytest.CaptureFix
     assert time.monotonic() - started < 4  # fails at once, not after the collection window
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"cannot reach the MQTT broker at 127.0.0.1:{port}" in err[0] and "--host" in err[0]
+
+
+def test_rooms_of_an_offline_gateway_show_no_values_and_say_their_alarms_are_not_current() -> None:
+    now = time.time()
+    wall = Wall()
+    base = {"site": "s", "room": "1", "device": "ox", "model": "masimo-ascii1", "kind": "pulse_oximeter"}
+    gw = {"type": "gateway", "gateway": "gw1", "devices": {"1/ox": "ok"}, "counters": {}}
+    wall.apply("infusion/s/_gateway/gw1/status", msg(state="online", **gw))
+    wall.apply("infusion/s/1/ox/status", msg(type="status", state="ok", **base))
+    wall.apply("infusion/s/1/ox/reading", msg(type="reading", time=iso_utc(now - 1), metrics={"spo2": 87}, **base))
+    alarm = msg(type="alarm", room="1", rule="spo2-low", priority="high", message="SpO2 low", value=87, active=True)
+    wall.apply("infusion/s/1/alarms/active/ox/spo2-low", alarm)
+    wall.apply(
+        "infusion/s/_gateway/gw1/alarms/active/gw1/broker_lost",
+        msg(type="alarm", room="_gateway", rule="broker_lost", priority="high", message="broker lost", active=True),
+    )
+    live = render(wall, now)
+    assert "87 %" in live and "HIGH broker lost" in live
+    wall.apply("infusion/s/_gateway/gw1/status", msg(state="offline", **{**gw, "devices": {}}))
+    text = render(wall, now)
+    assert "gw1 OFFLINE" in text and "not current" in text and "HIGH SpO2 low" in text
+    assert "87" not in text  # neither the value nor the alarm's value: nobody is judging the room now

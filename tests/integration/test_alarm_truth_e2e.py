@@ -79,7 +79,7 @@ class Room7:
 
 async def run_case(
     tmp_path: Path, mosquitto: Any, influxd: Any, db: str, scenario_text: str, profile_text: str
-) -> tuple[Room7, asyncio.Task[None], asyncio.Task[None], Path]:
+) -> tuple[Room7, asyncio.Task[None], asyncio.Task[Any], Path]:
     link = tmp_path / "room7-oximeter"
     config = write_config(tmp_path, mosquitto.port, influxd.url, db, link, profile_text)
     room = Room7(mosquitto.port)
@@ -91,7 +91,7 @@ async def run_case(
     return room, collecting, simulating, config
 
 
-async def finish(*tasks: asyncio.Task[None]) -> None:
+async def finish(*tasks: asyncio.Task[Any]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
