@@ -433,7 +433,12 @@ class AlarmEngine:
         out: list[AlarmEvent] = []
         out += self._technical(room, device, "no_data", state == DeviceState.NO_DATA, now)
         out += self._technical(room, device, "device_disconnected", state == DeviceState.DISCONNECTED, now)
-        if state not in (DeviceState.NO_DATA, DeviceState.DISCONNECTED, DeviceState.CONNECTED):
+        if state in UNREACHABLE_STATES:
+            # Nothing is known of the sensor now; no_data / device_disconnected say what is wrong. The device's own
+            # state comes back with its data (the session re-reports it), and its alarms with it.
+            out += self._technical(room, device, "sensor", False, now)
+            out += self._technical(room, device, "signal_quality", False, now)
+        elif state != DeviceState.CONNECTED:
             out += self._technical(room, device, "sensor", state in SENSOR_STATES, now, message=f"sensor: {state}")
         if state in SENSOR_STATES:
             out += self._technical(room, device, "signal_quality", False, now)  # the sensor alarm says it

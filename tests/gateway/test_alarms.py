@@ -4,6 +4,7 @@ only, technical alarms, acknowledge, latching, escalation as one alarm, standby,
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 
 import pytest
@@ -343,3 +344,43 @@ def test_clock_skew_beyond_the_limit_and_its_uncertainty() -> None:
     raised = eng.on_clock("gw", -10.0, 0.5, "influxdb", 1.0)
     assert [(e.rule, e.transition, e.value, e.room) for e in raised] == [("clock_skew", "raised", -10.0, "_gateway")]
     assert alarms(eng.on_clock("gw", 0.1, 0.5, "influxdb", 61.0)) == [("clock_skew", "cleared")]
+
+
+@pytest.mark.parametrize("model_id", ["nonin-df8", "masimo-ascii1"])
+def test_noise_on_a_checksumless_line_never_becomes_an_alarm(model_id: str) -> None:
+    """Observation 6: 1 MB of noise gave nonin-df8 22,073 readings, 925 unflagged. Ten megabytes of noise, then
+    1,000 fresh connections to noise (where a driver may read one record from the first bytes), through the driver,
+    the session's staleness watchdog and the engine (example profile): the only alarm is the true one, no_data."""
+    from devices.base import DeviceStatus, Reading
+    from devices.registry import get_model
+
+    rng = random.Random(20261202)
+    stale = get_model(model_id).spec.stale_after_s
+    eng = AlarmEngine(EXAMPLE_KETAMINE_PROFILE, stale_after={"3/ox": stale})
+    events: list[EngineEvent] = []
+    now = 0.0
+    for connection in range(1001):
+        driver = get_model(model_id).driver()
+        data = rng.randbytes(10_000_000 if connection == 0 else 256)
+        pos, last_data, silent = 0, now, False
+        while pos < len(data):
+            size = rng.randint(64, 4096)
+            now += size / 960.0  # 9600 baud
+            for event in driver.feed(data[pos : pos + size], now):
+                if isinstance(event, Reading | DeviceStatus):
+                    last_data, silent = now, False
+                if isinstance(event, Reading):
+                    events += eng.on_reading("3", "ox", dict(event.metrics), event.flags, now)
+                elif isinstance(event, DeviceStatus):
+                    events += eng.on_status("3", "ox", event.state, event.code, now)
+            if not silent and now - last_data >= stale:  # the session's watchdog: decoded nothing for a while
+                silent = True
+                events += eng.on_status("3", "ox", DeviceState.NO_DATA, None, now)
+            events += eng.tick(now)
+            pos += size
+        if not silent:  # the line then goes quiet: the watchdog fires at its limit
+            now = max(now, last_data + stale)
+            events += eng.on_status("3", "ox", DeviceState.NO_DATA, None, now)
+        now += 30.0  # the next connection comes later
+        events += eng.tick(now)
+    assert {(e.rule, e.transition) for e in only_alarms(events)} <= {("no_data", "raised"), ("no_data", "cleared")}
