@@ -226,6 +226,53 @@ class DeviceConfig(_Strict):
         return f"{self.room}/{self.name}"
 
 
+ROLE_RE = r"^[a-z][a-z0-9_-]{0,31}$"
+ALL_ACTIONS = (
+    "acknowledge",
+    "silence",
+    "start_session",
+    "stop_session",
+    "standby",
+    "end_standby",
+    "start_measurement",
+)
+Action = Literal[
+    "acknowledge", "silence", "start_session", "stop_session", "standby", "end_standby", "start_measurement"
+]
+
+
+class CommandsSection(_Strict):
+    """Who may do what by MQTT command, and for how long a command stays valid. Roles are job roles, never names;
+    the broker's ACL decides who may publish a command at all (deploy/mosquitto/acl), this decides what it may do."""
+
+    # A command is acted on only within this many seconds of its `issued_at` (clocks must be synchronised: see
+    # docs/deploy.md), and its id is remembered that long, across restarts: a repeat is answered, never re-run.
+    window_s: Annotated[float, Field(ge=5, le=300)] = 30.0
+    silence_max_s: Annotated[float, Field(gt=0, le=600)] = 120.0
+    silence_max_renewals: Annotated[int, Field(ge=0, le=10)] = 2  # silences of one alarm after the first
+    roles: dict[Annotated[str, Field(pattern=ROLE_RE)], tuple[Action, ...]] = Field(
+        default_factory=lambda: {
+            "nurse": (
+                "acknowledge",
+                "silence",
+                "start_session",
+                "stop_session",
+                "standby",
+                "end_standby",
+                "start_measurement",
+            ),
+            "physician": ALL_ACTIONS,
+            "technician": ("start_measurement",),
+        }
+    )
+
+    @model_validator(mode="after")
+    def _some_role(self) -> CommandsSection:
+        if not self.roles:
+            raise ValueError("[commands.roles] is empty: no one could acknowledge an alarm")
+        return self
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid", frozen=True, env_prefix="INFUSION_", env_nested_delimiter="__")
 
@@ -233,6 +280,7 @@ class Config(BaseSettings):
     mqtt: MqttSection = MqttSection()
     influx: InfluxSection
     alarms: AlarmsSection = AlarmsSection()
+    commands: CommandsSection = CommandsSection()
     devices: list[DeviceConfig] = Field(default_factory=list)
 
     @classmethod
