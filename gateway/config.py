@@ -227,7 +227,10 @@ class DeviceConfig(_Strict):
 
 
 ROLE_RE = r"^[a-z][a-z0-9_-]{0,31}$"
-ALL_ACTIONS = (
+Action = Literal[
+    "acknowledge", "silence", "start_session", "stop_session", "standby", "end_standby", "start_measurement"
+]
+ALL_ACTIONS: tuple[Action, ...] = (
     "acknowledge",
     "silence",
     "start_session",
@@ -236,9 +239,6 @@ ALL_ACTIONS = (
     "end_standby",
     "start_measurement",
 )
-Action = Literal[
-    "acknowledge", "silence", "start_session", "stop_session", "standby", "end_standby", "start_measurement"
-]
 
 
 class CommandsSection(_Strict):
