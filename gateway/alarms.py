@@ -332,6 +332,7 @@ class _Alarm:
     condition: bool = False
     value: float | None = None
     silenced_until: float | None = None
+    silences: int = 0
     indeterminate: bool = False
     quality: tuple[str, ...] = ()
     tier_of: str | None = None  # a tier's own tracker: never shown, it raises the priority of this alarm id
@@ -483,16 +484,22 @@ class AlarmEngine:
     def acknowledge(self, room: str, alarm_id: str, role: str | None, now: float) -> list[AlarmEvent]:
         alarm = self._find(room, alarm_id)
         if alarm.acknowledged:
-            raise ValueError(f"alarm {alarm_id} is already acknowledged")
+            raise ValueError("the alarm is already acknowledged")
         alarm.acknowledged = True
         out = [self._event(alarm, "acknowledged", now, role=role)]
         if alarm.latching and not alarm.condition:
             out += self._clear(alarm, now)
         return out
 
-    def silence(self, room: str, alarm_id: str, seconds: float, role: str | None, now: float) -> list[AlarmEvent]:
-        """Pause announcing (and escalating) an alarm for a while; it stays active and visible."""
+    def silence(
+        self, room: str, alarm_id: str, seconds: float, role: str | None, now: float, max_renewals: int | None = None
+    ) -> list[AlarmEvent]:
+        """Pause announcing (and escalating) an alarm for a while; it stays active and visible. At most
+        `max_renewals` silences after the first: an alarm cannot be kept quiet forever."""
         alarm = self._find(room, alarm_id)
+        if max_renewals is not None and alarm.silences > max_renewals:
+            raise ValueError(f"the alarm was silenced {alarm.silences} times already: acknowledge it instead")
+        alarm.silences += 1
         alarm.silenced_until = now + seconds
         return [self._event(alarm, "silenced", now, role=role)]
 
@@ -610,7 +617,7 @@ class AlarmEngine:
     def _find(self, room: str, alarm_id: str) -> _Alarm:
         alarm = self._alarms.get(alarm_id)
         if alarm is None or alarm.room != room or not alarm.shown:
-            raise ValueError(f"no active alarm {alarm_id!r} in room {room!r}")
+            raise ValueError("no such active alarm in this room")  # the id may carry anything: never echoed
         return alarm
 
     def _judge(self, rule: ThresholdRule, room: str, value: float) -> tuple[float | None, bool, bool]:

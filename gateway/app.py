@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -33,11 +32,14 @@ from gateway.records import (
     waveform_record,
 )
 from gateway.session import DeviceSession
+from gateway.sinks import SinkUnavailable
 from gateway.sinks.influx import InfluxSink
 from gateway.sinks.mqtt import MqttSink
 
 log = logging.getLogger(__name__)
 CLOCK_CHECK_S = 60.0
+LINK_FLAP_WINDOW_S = 60.0
+LINK_FLAP_LOSSES = 3
 
 
 def package_version() -> str:
@@ -87,9 +89,16 @@ class Gateway:
         self._alarm_origins = dict(self._origins)
         self._alarm_origins[f"_gateway/{g.id}"] = gateway_origin(g.site, g.id)
         self.clock = ClockCheck(cfg.influx)  # InfluxDB's Date header: the clock the wall's staleness is judged by
-        self.router = CommandRouter(cfg.mqtt.topic_prefix, g.site, {s.key: s for s in self.sessions}, self)
+        self.router = CommandRouter(
+            cfg.mqtt.topic_prefix,
+            g.site,
+            {s.key: s for s in self.sessions},
+            self,
+            cfg.commands,
+            on_change=lambda ledger: self.outbox.put_state("commands", ledger),
+        )
 
-    def _command(self, topic: str, payload: bytes) -> bytes:
+    def _command(self, topic: str, payload: bytes) -> bytes | None:
         return self.router.handle(topic, payload)
 
     def _put(self, key: str, build: Callable[..., dict[str, Any]], origin: dict[str, str], *args: Any) -> None:
@@ -145,7 +154,8 @@ class Gateway:
         self._alarm_events(self.alarms.acknowledge(room, alarm_id, role, time.time()))
 
     def silence(self, room: str, alarm_id: str, seconds: float, role: str | None) -> None:
-        self._alarm_events(self.alarms.silence(room, alarm_id, seconds, role, time.time()))
+        renewals = self.cfg.commands.silence_max_renewals
+        self._alarm_events(self.alarms.silence(room, alarm_id, seconds, role, time.time(), renewals))
 
     def start_session(self, room: str, role: str | None) -> str:
         now = time.time()
@@ -162,9 +172,16 @@ class Gateway:
     def end_standby(self, room: str, role: str | None) -> None:
         self._alarm_events(self.alarms.end_standby(room, role, time.time()))
 
-    async def restore_alarms(self) -> None:
-        """The alarm state of the last run (a clean stop or a crash): acknowledged, silenced, latched alarms,
-        sessions and standby carry on; physiological alarms wait for fresh data to be judged again."""
+    async def restore_state(self) -> None:
+        """The state of the last run (a clean stop or a crash): the command ids already handled (a repeat is not
+        run again), and the alarm state: acknowledged, silenced, latched alarms, sessions and standby carry on;
+        physiological alarms wait for fresh data to be judged again."""
+        ledger = await self.outbox.load_state("commands")
+        if ledger is not None:
+            try:
+                self.router.ledger.restore(ledger, time.time())
+            except (ValueError, TypeError) as exc:
+                log.error("command ids of the last run are unreadable (%s): repeats within the window may run", exc)
         snapshot = await self.outbox.load_state("alarms")
         if snapshot is None:
             return
@@ -187,7 +204,10 @@ class Gateway:
                 last_fill_check = now
                 fill = max((await self.outbox.backlog()).values(), default=0) / limit
             self._alarm_events(self.alarms.tick(now))
-            self._alarm_events(self.alarms.on_gateway(self.cfg.gateway.id, self.mqtt.connected, fill, now))
+            # A link that keeps dropping (another client taking the gateway's id, a flapping network) counts as lost
+            # even if each reconnect succeeds at once.
+            link = self.mqtt.connected and self.mqtt.losses_within(LINK_FLAP_WINDOW_S) < LINK_FLAP_LOSSES
+            self._alarm_events(self.alarms.on_gateway(self.cfg.gateway.id, link, fill, now))
             await asyncio.sleep(self.cfg.alarms.tick_s)
 
     async def _clock_loop(self) -> None:
@@ -237,8 +257,10 @@ class Gateway:
             sink = self.mqtt.sink
             if isinstance(sink, MqttSink):
                 sink.gateway_status = body
-                with contextlib.suppress(Exception):
+                try:
                     await sink.publish_gateway_status()
+                except SinkUnavailable as exc:  # the sink has marked itself lost: its worker reconnects
+                    log.warning("gateway status not published: %s", exc)
             g = self.cfg.gateway
             # The same counters as a record, so InfluxDB keeps their history for the gateway-health dashboard.
             self._put(
@@ -249,7 +271,7 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.outbox.open()
-        await self.restore_alarms()
+        await self.restore_state()
         health: HealthServer | None = None
         if self.cfg.gateway.health_port is not None:
             health = HealthServer(self.cfg.gateway.health_host, self.cfg.gateway.health_port, self.status)

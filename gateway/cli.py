@@ -254,6 +254,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _room_command(args: argparse.Namespace, **fields: object) -> int:
     import uuid
 
+    from gateway.commands import command_payload
     from gateway.sinks.mqtt import MqttError, request
     from gateway.watch import mqtt_from_args
 
@@ -267,7 +268,7 @@ def _room_command(args: argparse.Namespace, **fields: object) -> int:
         return 2
     command_id = uuid.uuid4().hex[:12]
     topic = f"{mqtt.topic_prefix}/{site}/{args.room}/command"
-    payload = json.dumps({"id": command_id, **{k: v for k, v in fields.items() if v is not None}}).encode()
+    payload = command_payload(id=command_id, **{k: v for k, v in fields.items() if v is not None})
     try:
         reply = json.loads(asyncio.run(request(mqtt, topic, payload, command_id, args.timeout)))
     except TimeoutError:
@@ -413,14 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     ses = sub.add_parser("session", help="start or stop a room's infusion session (the baseline for relative alarms)")
     ses.add_argument("action", choices=["start", "stop"])
     ses.add_argument("--room", required=True)
-    ses.add_argument("--role", help="operator role (nurse, physician): never a name")
+    ses.add_argument("--role", required=True, help="operator role (nurse, physician): never a name")
     broker_args(ses)
     ses.set_defaults(func=cmd_session)
 
     ack = sub.add_parser("ack", help="acknowledge (or --silence) an active alarm")
     ack.add_argument("--room", required=True)
     ack.add_argument("--alarm", required=True, help="the alarm id, room/device/rule, as the wall and MQTT show it")
-    ack.add_argument("--role", help="operator role (nurse, physician): never a name")
+    ack.add_argument("--role", required=True, help="operator role (nurse, physician): never a name")
     ack.add_argument("--silence", type=float, metavar="SECONDS", help="silence for this long instead of acknowledging")
     broker_args(ack)
     ack.set_defaults(func=cmd_ack)
@@ -438,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ends on its own after this long (90s, 45m, 2h; default 4h, at most 24h)",
     )
     sby.add_argument("--end", action="store_true", help="end standby now: the room is monitored again")
-    sby.add_argument("--role", help="operator role (nurse, physician): never a name")
+    sby.add_argument("--role", required=True, help="operator role (nurse, physician): never a name")
     broker_args(sby)
     sby.set_defaults(func=cmd_standby)
 

@@ -6,6 +6,7 @@ Retry and reconnect live here (and in sessions), nowhere else: a sink only repor
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -18,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from gateway.backoff import Backoff
 from gateway.outbox import Item, Outbox
-from gateway.sinks import Outcome, Prerenderable, Sink, SinkUnavailable
+from gateway.sinks import LinkWatched, Outcome, Prerenderable, Sink, SinkUnavailable
 
 log = logging.getLogger(__name__)
 NICE = 10  # the backlog renderer's priority below the gateway's
@@ -69,6 +70,12 @@ class SinkWorker:
         self.rejected = 0
         self._pool: ProcessPoolExecutor | None = None
         self._pool_ready: asyncio.Task[None] | None = None
+        self._losses: collections.deque[float] = collections.deque(maxlen=32)  # monotonic times a link was lost
+
+    def losses_within(self, seconds: float) -> int:
+        """How often an established link was lost in the last `seconds`."""
+        since = time.monotonic() - seconds
+        return sum(1 for t in self._losses if t >= since)
 
     async def run(self) -> None:
         try:
@@ -84,8 +91,10 @@ class SinkWorker:
                 async with self.factory() as sink:
                     self.sink, self.connected, self.last_error = sink, True, ""
                     self.backoff.reset()
-                    await self._drain(sink)
+                    await self._drain_until_lost(sink)
             except SinkUnavailable as exc:
+                if self.connected:
+                    self._losses.append(time.monotonic())
                 self.last_error = str(exc)
                 delay = self.backoff.next()
                 log.warning("%s unavailable (%s); retrying in %.1f s", self.name, exc, delay)
@@ -94,6 +103,26 @@ class SinkWorker:
                 await asyncio.sleep(delay)
             finally:
                 self.sink, self.connected = None, False
+
+    async def _drain_until_lost(self, sink: Sink) -> None:
+        """Drain, and stop with SinkUnavailable as soon as a link-watched sink says its link is gone: a quiet
+        gateway (no device talking) must notice a lost broker as fast as a busy one."""
+        if not isinstance(sink, LinkWatched):
+            await self._drain(sink)
+            return
+        draining = asyncio.create_task(self._drain(sink), name=f"{self.name}-drain")
+        lost = asyncio.create_task(sink.wait_lost(), name=f"{self.name}-link")
+        try:
+            await asyncio.wait([draining, lost], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (draining, lost):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(draining, lost, return_exceptions=True)
+        if lost.done() and not lost.cancelled():
+            error = lost.exception()
+            raise SinkUnavailable(lost.result() if error is None else f"link watch failed: {error!r}")
+        draining.result()  # its error (or a lost link's SinkUnavailable raised inside it)
 
     async def _drain(self, sink: Sink) -> None:
         """Normal mode: oldest first. With a backlog (after an outage), live first (see _drain_live_first)."""

@@ -130,27 +130,40 @@ class RoomModeMessage(_Envelope):
     reason: str = Field("", description="why monitoring resumed: standby ended, standby expired, session started")
 
 
-class DeviceCommand(BaseModel):
+COMMAND_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+ROLE = r"^[a-z][a-z0-9_-]{0,31}$"
+_LEVEL = r"[a-z0-9_][a-z0-9_-]{0,47}"  # a room, device or rule name (gateway alarms: room `_gateway`)
+ALARM_ID = rf"^{_LEVEL}/{_LEVEL}/{_LEVEL}$"
+ISO_UTC = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$"
+
+
+class _Command(BaseModel):
+    """What every command carries. Nothing in it is free text: each field matches a strict pattern, so no name or
+    note typed into a command can reach a log, a reply, MQTT or InfluxDB."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=COMMAND_ID, description="unique per command; a repeat within the window is not re-run")
+    issued_at: str = Field(
+        pattern=ISO_UTC, description="UTC time the sender issued it; refused outside the gateway's window (30 s)"
+    )
+    operator_role: str = Field(pattern=ROLE, description="a role from the gateway's [commands.roles], never a name")
+
+
+class DeviceCommand(_Command):
     """Sent to `.../{room}/{device}/command`. `id` is echoed in the reply so the sender can match it."""
 
-    model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1, max_length=64)
     action: Literal["start_measurement"]
-    operator_role: str | None = Field(None, max_length=32, description="a role (nurse, physician), never a name")
 
 
-class RoomCommand(BaseModel):
-    """Sent to `.../{room}/command`: alarm acknowledgement and silence, infusion sessions."""
+class RoomCommand(_Command):
+    """Sent to `.../{room}/command`: alarm acknowledgement and silence, infusion sessions, standby."""
 
-    model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1, max_length=64)
     action: Literal["acknowledge", "silence", "start_session", "stop_session", "standby", "end_standby"]
-    alarm_id: str | None = Field(None, max_length=200, description="for acknowledge and silence")
-    silence_s: float = Field(120.0, gt=0, le=600, description="for silence")
+    alarm_id: str | None = Field(None, pattern=ALARM_ID, description="for acknowledge and silence")
+    silence_s: float = Field(120.0, gt=0, le=600, description="for silence (capped by [commands] silence_max_s)")
     standby_s: float = Field(
         STANDBY_DEFAULT_S, gt=0, le=STANDBY_MAX_S, description="for standby: it ends on its own after this long"
     )
-    operator_role: str | None = Field(None, max_length=32, description="a role (nurse, physician), never a name")
 
     @model_validator(mode="after")
     def _alarm_id(self) -> RoomCommand:
@@ -165,6 +178,7 @@ class CommandReply(BaseModel):
     id: str | None
     ok: bool
     reason: str = ""
+    repeat: bool = Field(False, description="true: a repeat of a command already handled, answered, not re-run")
     time: str
 
 

@@ -43,6 +43,14 @@ class Sink(Protocol):
 
 
 @runtime_checkable
+class LinkWatched(Protocol):
+    """A sink whose link can be lost while nothing is being written (MQTT: its command listener, keepalives):
+    `wait_lost` returns the reason when it is, so the worker reconnects instead of waiting for the next record."""
+
+    async def wait_lost(self) -> str: ...
+
+
+@runtime_checkable
 class Prerenderable(Protocol):
     """A sink whose request body can be rendered elsewhere: `render` (a module-level function, so a process pool can
     run it) turns a batch into what `write_rendered` sends. A backlog of thousands of records is then decoded and

@@ -23,7 +23,7 @@ from gateway.records import device_topic, gateway_topic, iso_utc
 from gateway.sinks import ACCEPTED, SinkUnavailable, WriteResult
 
 log = logging.getLogger(__name__)
-CommandHandler = Callable[[str, bytes], bytes]  # (topic, payload) -> reply payload
+CommandHandler = Callable[[str, bytes], bytes | None]  # (topic, payload) -> reply payload (None: no reply)
 # aiomqtt warns on every publish beyond 10 in flight, which a backlog batch always is: keep its errors only.
 _client_log = logging.getLogger("gateway.sinks.mqtt.client")
 _client_log.setLevel(logging.ERROR)
@@ -87,6 +87,7 @@ class MqttSink:
         self._retained_time: dict[str, str] = {}
         self.gateway_status: dict[str, Any] = {}
         self.published = 0
+        self._lost: asyncio.Future[str] | None = None
 
     def _gateway_body(self, state: str) -> dict[str, Any]:
         return {
@@ -110,6 +111,7 @@ class MqttSink:
         except aiomqtt.MqttError as exc:
             raise SinkUnavailable(f"MQTT broker {self.cfg.host}:{self.cfg.port}: {exc}") from exc
         self._client = client
+        self._lost = asyncio.get_running_loop().create_future()
         log.info("connected to MQTT broker %s:%s", self.cfg.host, self.cfg.port)
         try:
             # After a broker restart without persistence the retained statuses are gone: put them back.
@@ -125,14 +127,38 @@ class MqttSink:
         return self
 
     async def _listen(self, client: aiomqtt.Client) -> None:
+        """Commands in, replies out, until the link goes. Whatever happens here ends in a log line and a lost link
+        (the worker reconnects, /health says degraded, broker_lost counts it): never a silent death."""
         assert self.on_command is not None
         try:
             async for message in client.messages:
+                topic = str(message.topic)
                 payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
-                reply = self.on_command(str(message.topic), payload)
-                await client.publish(f"{message.topic}/reply", reply, qos=1)
+                if message.retain:
+                    # A retained command would run again on every reconnect: never executed, and cleared.
+                    if payload:
+                        log.warning("retained command message ignored and cleared on a command topic")
+                        await client.publish(topic, b"", qos=1, retain=True)
+                    continue
+                reply = self.on_command(topic, payload)
+                if reply is not None:
+                    await client.publish(f"{topic}/reply", reply, qos=1)
+            reason = "the broker ended the command subscription"
         except aiomqtt.MqttError as exc:
-            log.warning("MQTT command listener stopped: %s", exc)  # the worker reconnects and listens again
+            reason = f"MQTT link lost: {exc}"
+        except Exception as exc:  # a bug must not leave the gateway deaf while it says it is online
+            reason = f"MQTT command listener failed: {type(exc).__name__}"
+        log.warning("%s; reconnecting", reason)
+        self._mark_lost(reason)
+
+    def _mark_lost(self, reason: str) -> None:
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(reason)
+
+    async def wait_lost(self) -> str:
+        """Returns (with the reason) when the link is lost: the listener ended or a publish failed."""
+        assert self._lost is not None, "not connected"
+        return await asyncio.shield(self._lost)
 
     async def __aexit__(self, *exc: object) -> None:
         if self._listener is not None:
@@ -161,6 +187,7 @@ class MqttSink:
         try:
             await client.publish(self.status_topic, json.dumps(body).encode(), qos=1, retain=True)
         except aiomqtt.MqttError as exc:
+            self._mark_lost(f"MQTT gateway status publish failed: {exc}")
             raise SinkUnavailable(f"MQTT gateway status publish failed: {exc}") from exc
 
     def _route(self, record: dict[str, Any], live_since: str) -> list[tuple[str, bytes, bool]]:
@@ -205,6 +232,7 @@ class MqttSink:
         try:
             await asyncio.gather(*(client.publish(t, p, qos=1, retain=r) for t, p, r in routed))
         except aiomqtt.MqttError as exc:
+            self._mark_lost(f"MQTT publish failed: {exc}")
             raise SinkUnavailable(f"MQTT publish failed: {exc}") from exc
         for topic, payload, retain in routed:
             if retain:

@@ -207,7 +207,7 @@ def test_acknowledge_stops_escalation() -> None:
     assert feed(eng2, [90] * 100, start=1.0) == []
     with pytest.raises(ValueError, match="already acknowledged"):
         eng2.acknowledge("3", "3/ox/spo2-low", None, 6.0)
-    with pytest.raises(ValueError, match="no active alarm"):
+    with pytest.raises(ValueError, match="no such active alarm"):
         eng2.acknowledge("4", "3/ox/spo2-low", None, 6.0)
 
 

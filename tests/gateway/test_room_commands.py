@@ -8,6 +8,7 @@ from typing import Any
 
 from devices.base import Reading
 from gateway.app import Gateway
+from gateway.commands import command_payload
 from gateway.config import Config
 
 
@@ -26,7 +27,9 @@ def config(tmp_path: Path) -> Config:
 
 
 def command(gw: Gateway, topic: str, **fields: Any) -> dict[str, Any]:
-    reply: dict[str, Any] = json.loads(gw.router.handle(f"infusion/s/{topic}", json.dumps(fields).encode()))
+    raw = gw.router.handle(f"infusion/s/{topic}", command_payload(**fields))
+    assert raw is not None
+    reply: dict[str, Any] = json.loads(raw)
     return reply
 
 
@@ -44,10 +47,12 @@ async def test_acknowledge_a_latched_alarm_by_mqtt_command(tmp_path: Path) -> No
     assert [r["transition"] for r in await records(gw, "alarm")] == ["raised"]
 
     bad = command(gw, "3/command", id="c1", action="acknowledge", alarm_id="3/ox/nope", operator_role="nurse")
-    assert bad == {**bad, "ok": False, "id": "c1"} and "no active alarm" in bad["reason"]
-    wrong_room = command(gw, "4/command", id="c2", action="acknowledge", alarm_id="3/ox/spo2-low")
-    assert wrong_room["ok"] is False and "no room '4'" in wrong_room["reason"]
-    missing = command(gw, "3/command", id="c3", action="acknowledge")
+    assert bad == {**bad, "ok": False, "id": "c1"} and "no such active alarm" in bad["reason"]
+    wrong_room = command(
+        gw, "4/command", id="c2", action="acknowledge", alarm_id="3/ox/spo2-low", operator_role="nurse"
+    )
+    assert wrong_room["ok"] is False and "no such room" in wrong_room["reason"]
+    missing = command(gw, "3/command", id="c3", action="acknowledge", operator_role="nurse")
     assert missing["ok"] is False and "acknowledge needs alarm_id" in missing["reason"]
 
     ok = command(gw, "3/command", id="c4", action="acknowledge", alarm_id="3/ox/spo2-low", operator_role="nurse")
@@ -67,10 +72,10 @@ async def test_sessions_by_command_and_baseline_from_the_first_pressure(tmp_path
     await gw.outbox.open()
     started = command(gw, "3/command", id="s1", action="start_session", operator_role="nurse")
     assert started["ok"] is True and started["reason"].startswith("session 3-")
-    again = command(gw, "3/command", id="s2", action="start_session")
+    again = command(gw, "3/command", id="s2", action="start_session", operator_role="nurse")
     assert again["ok"] is False and "already has a session" in again["reason"]
     gw._emit(gw.sessions[0], Reading({"nibp_systolic": 121, "nibp_diastolic": 79, "nibp_mean": 93}), 200.0)
-    assert command(gw, "3/command", id="s3", action="stop_session")["ok"] is True
+    assert command(gw, "3/command", id="s3", action="stop_session", operator_role="nurse")["ok"] is True
     sessions = await records(gw, "session")
     assert [s["transition"] for s in sessions] == ["started", "baseline", "stopped"]
     assert sessions[1]["baseline"] == {"nibp_systolic": 121, "nibp_diastolic": 79, "nibp_mean": 93}

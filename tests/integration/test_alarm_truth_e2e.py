@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from gateway.commands import command_payload
 from gateway.config import MqttSection
 from gateway.sinks.mqtt import request, subscribe
 from simulators.serve import serve
@@ -70,7 +71,7 @@ class Room7:
 
     async def command(self, **fields: Any) -> dict[str, Any]:
         command_id = uuid.uuid4().hex[:12]
-        payload = json.dumps({"id": command_id, **fields}).encode()
+        payload = command_payload(id=command_id, **fields)
         reply: dict[str, Any] = json.loads(
             await request(self.cfg, "infusion/test-site/7/command", payload, command_id, 10.0)
         )

@@ -153,11 +153,11 @@ async def test_every_simulated_reading_reaches_mqtt_and_influx(
         started = cli("session", "start", "--room", "7", "--role", "nurse")
         assert started.returncode == 0, started.stderr
         assert json.loads(started.stdout)["reason"].startswith("session 7-")
-        again = cli("session", "start", "--room", "7")
+        again = cli("session", "start", "--room", "7", "--role", "nurse")
         assert again.returncode == 1 and "already has a session" in again.stdout
-        unknown = cli("ack", "--room", "7", "--alarm", "7/oximeter/spo2-low")
-        assert unknown.returncode == 1 and "no active alarm" in unknown.stdout
-        assert cli("session", "stop", "--room", "7").returncode == 0
+        unknown = cli("ack", "--room", "7", "--alarm", "7/oximeter/spo2-low", "--role", "nurse")
+        assert unknown.returncode == 1 and "no such active alarm" in unknown.stdout
+        assert cli("session", "stop", "--room", "7", "--role", "nurse").returncode == 0
     finally:
         output = stop_gateway(proc)
         endpoint.close()

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from gateway.commands import command_payload
 from gateway.config import MqttSection
 from gateway.sinks.mqtt import request, subscribe
 from simulators.serve import serve
@@ -71,7 +72,7 @@ port = "{link}"
 
     async def measure() -> dict[str, Any]:
         command_id = uuid.uuid4().hex[:8]
-        payload = json.dumps({"id": command_id, "action": "start_measurement", "operator_role": "nurse"}).encode()
+        payload = command_payload(id=command_id, action="start_measurement", operator_role="nurse")
         topic = "infusion/test-site/7/cuff/command"
         reply: dict[str, Any] = json.loads(await request(mqtt, topic, payload, command_id))
         return reply
