@@ -384,3 +384,15 @@ def test_noise_on_a_checksumless_line_never_becomes_an_alarm(model_id: str) -> N
         now += 30.0  # the next connection comes later
         events += eng.tick(now)
     assert {(e.rule, e.transition) for e in only_alarms(events)} <= {("no_data", "raised"), ("no_data", "cleared")}
+
+
+def test_silence_cannot_be_renewed_forever() -> None:
+    """Demonstration (issue 12): `silence` could be repeated forever."""
+    eng = engine(SPO2_LOW.model_copy(update={"delay_s": 0}))
+    feed(eng, [85])
+    for i in range(3):  # the first silence and two renewals
+        assert alarms(eng.silence("3", "3/ox/spo2-low", 120, "nurse", float(i), max_renewals=2)) == [
+            ("spo2-low", "silenced")
+        ]
+    with pytest.raises(ValueError, match="silenced 3 times already: acknowledge it"):
+        eng.silence("3", "3/ox/spo2-low", 120, "nurse", 4.0, max_renewals=2)
