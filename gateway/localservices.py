@@ -108,8 +108,11 @@ def _log_tail(path: Path, offset: int = 0, lines: int = _LOG_TAIL_LINES) -> str:
 _probe_ids = itertools.count(1)
 
 
-def mqtt_handshake(host: str, port: int, timeout: float = 1.0) -> bool:
-    """A real MQTT 3.1.1 CONNECT/CONNACK, not just an open port: the broker must be ready to serve clients."""
+def mqtt_handshake(host: str, port: int, timeout: float = 1.0, any_answer: bool = False) -> bool:
+    """A real MQTT 3.1.1 CONNECT/CONNACK, not just an open port: the broker must be ready to serve clients.
+
+    With `any_answer`, a refusal counts too: a broker that wants a login answers this anonymous probe "not authorised".
+    """
     client_id = f"localservices-probe-{os.getpid()}-{next(_probe_ids)}".encode()
     variable = b"\x00\x04MQTT\x04\x02\x00\x0a"  # "MQTT", level 4 (3.1.1), clean session, keepalive 10 s
     body = variable + len(client_id).to_bytes(2, "big") + client_id
@@ -126,7 +129,7 @@ def mqtt_handshake(host: str, port: int, timeout: float = 1.0) -> bool:
             s.sendall(b"\xe0\x00")  # DISCONNECT, so the broker logs a clean goodbye
     except OSError:
         return False
-    return reply[:2] == b"\x20\x02" and reply[3] == 0  # CONNACK, return code 0 (accepted)
+    return reply[:2] == b"\x20\x02" and (any_answer or reply[3] == 0)  # CONNACK; return code 0 is "accepted"
 
 
 class _Service:
@@ -272,7 +275,7 @@ class _Service:
 
 
 class Mosquitto(_Service):
-    """Debian's mosquitto 2.0: anonymous, no persistence, loopback only."""
+    """Debian's mosquitto 2.0: anonymous, no persistence, loopback only; or the caller's `config`."""
 
     name = "mosquitto"
     # Tests of at-least-once delivery across a broker restart set this before (re)starting: subscribers with
@@ -281,6 +284,12 @@ class Mosquitto(_Service):
     binary = "mosquitto"
     fallback = "/usr/sbin/mosquitto"
     package = "mosquitto"
+
+    def __init__(self, workdir: Path, port: int | None = None, config: Callable[[str, int], str] | None = None) -> None:
+        """`config(host, port)` is the whole broker config instead of ours (the tests of the shipped deploy/mosquitto
+        files substitute only the listener and the paths); it is ready when it answers, even "not authorised"."""
+        super().__init__(workdir, port)
+        self.config = config
 
     @property
     def url(self) -> str:
@@ -292,6 +301,9 @@ class Mosquitto(_Service):
         # Logging goes to stderr, an inherited log file: stdout would be block-buffered.
         run_as = "user root\n" if os.geteuid() == 0 else ""
         conf = self.workdir / "mosquitto.conf"
+        if self.config is not None:
+            conf.write_text(run_as + self.config(self.host, self.port))
+            return ["-c", str(conf)]
         conf.write_text(
             f"{run_as}listener {self.port} {self.host}\n"
             "allow_anonymous true\n"
@@ -309,7 +321,7 @@ class Mosquitto(_Service):
         return ["-c", str(conf)]
 
     def _ready(self, timeout: float) -> bool:
-        return mqtt_handshake(self.host, self.port, timeout)
+        return mqtt_handshake(self.host, self.port, timeout, any_answer=self.config is not None)
 
 
 # Proxies from the environment must not see loopback requests.
