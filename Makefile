@@ -13,13 +13,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-# Debian's mosquitto and influxd (the tests start their own on free ports) and docker-compose (to validate the
-# compose file without an engine), installed when missing.
+# Debian's mosquitto and influxd (the tests start their own on free ports), docker-compose (to validate the
+# compose file without an engine) and strace (to prove the secrets script puts no password on a command line),
+# installed when missing.
 services:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v influxd >/dev/null 2>&1 || [ -x /usr/bin/influxd ] || missing="$$missing influxdb"; \
 	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
