@@ -223,14 +223,18 @@ class Gateway:
             await asyncio.sleep(CLOCK_CHECK_S)
 
     async def status(self) -> dict[str, Any]:
-        backlog = await self.outbox.backlog()
+        """From memory only (the health endpoint asks per request): no query, no file read, nothing that queues
+        behind the outbox's threads."""
+        backlog = self.outbox.owed()
+        if "_version" not in self.__dict__:
+            self.__dict__["_version"] = package_version()  # reads the package metadata: once
         return {
             "v": 1,
             "type": "gateway",
             "site": self.cfg.gateway.site,
             "gateway": self.cfg.gateway.id,
             "time": iso_utc(time.time()),
-            "version": package_version(),
+            "version": self.__dict__["_version"],
             "devices": {s.key: str(s.state) if s.state else "starting" for s in self.sessions},
             "counters": {
                 "received": self.received,
@@ -297,14 +301,19 @@ class Gateway:
         everything = [committer, *workers, *sessions, status, alarms, clock]
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopper, *everything], return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task is not stopper and task.exception() is not None:
+        ended = [task for task in done if task is not stopper]  # a task of the gateway's never ends by itself
+        for task in ended:
+            if task.exception() is not None:
                 log.error("task %s failed: %r", task.get_name(), task.exception())
         if health is not None:
             health.ready = False
         await self._shutdown(committer, workers, [*sessions, status, alarms, clock, stopper])
         if health is not None:
             await health.stop()
+        if ended:  # not a clean stop: the process must exit non-zero (gateway.preflight's exit codes)
+            from gateway.preflight import task_fatal
+
+            raise task_fatal(ended[0].get_name(), ended[0].exception(), self.outbox.path)
 
     async def _shutdown(
         self,

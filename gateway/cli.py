@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ from typing import BinaryIO
 
 from devices.base import event_to_dict
 from devices.registry import MODELS, get_model
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, RedactingFilter, load_config
+from gateway.preflight import EXIT_CONFIG, EXIT_INTERNAL, EXIT_OK, Fatal, preflight, storage_fatal
 
 log = logging.getLogger("infusion-telemetry")
 
@@ -33,6 +35,9 @@ def setup_logging(level: str) -> None:
         datefmt="%Y-%m-%dT%H:%M:%S",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:  # every record, from any library: no secret, no URL userinfo
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 # --- check-config ----------------------------------------------------------------------------------------------
@@ -116,13 +121,23 @@ def cmd_decode(args: argparse.Namespace) -> int:
 # --- run ---------------------------------------------------------------------------------------------------------
 
 
+def _fatal(exc: Fatal) -> int:
+    log.critical("fatal: %s (exit %d)", exc.message, exc.code)
+    return exc.code
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    """Exit codes (README, "Exit codes"): 0 clean stop, 1 internal error, 2 configuration, 3 storage."""
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     setup_logging(cfg.gateway.log_level)
+    try:
+        preflight(cfg)  # secrets and the data directory, before any port opens
+    except Fatal as exc:
+        return _fatal(exc)
     from gateway.app import Gateway
 
     # While a backlog drains, the outbox thread and InfluxDB's line rendering hold the GIL for long stretches; the
@@ -143,12 +158,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await Gateway(cfg).run(stop)
 
+    outbox = cfg.gateway.data_dir / "outbox.sqlite3"
     try:
         asyncio.run(main())
-    except ConfigError as exc:  # a secret that cannot be resolved at start-up
-        print(exc, file=sys.stderr)
-        return 2
-    return 0
+    except Fatal as exc:  # a gateway task failed: Gateway.run says what it means
+        return _fatal(exc)
+    except ConfigError as exc:
+        return _fatal(Fatal(EXIT_CONFIG, "; ".join(exc.problems)))
+    except (sqlite3.Error, OSError) as exc:  # opening, flushing or closing the outbox (Gateway.run's own steps)
+        return _fatal(storage_fatal(outbox, exc))
+    except Exception as exc:
+        log.critical("fatal: internal error %r (exit %d)", exc, EXIT_INTERNAL, exc_info=True)
+        return EXIT_INTERNAL
+    return EXIT_OK
 
 
 # --- simulate ----------------------------------------------------------------------------------------------------

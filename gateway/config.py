@@ -8,9 +8,11 @@ resolved at load time into a SecretStr, so they are never printed or logged. Env
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import tomllib
+import traceback
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,7 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from devices.base import DeviceKind
 from devices.registry import MODELS
@@ -311,8 +313,18 @@ class Config(BaseSettings):
         return self
 
     def redacted(self) -> dict[str, Any]:
-        """The validated config as plain data, secrets shown only as where they come from."""
-        return self.model_dump(mode="json")
+        """The validated config as plain data, secrets shown only as where they come from, URLs without userinfo
+        (an InfluxDB URL may carry user:password)."""
+
+        def clean(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [clean(v) for v in value]
+            return redact(value) if isinstance(value, str) else value
+
+        result: dict[str, Any] = clean(self.model_dump(mode="json"))
+        return result
 
 
 class ConfigError(Exception):
@@ -383,6 +395,14 @@ def load_config(path: Path) -> Config:
         return Config(**data)
     except ValidationError as exc:
         raise ConfigError(str(path), format_errors(exc)) from None
+    except SettingsError as exc:  # an INFUSION_* variable that is not the JSON its field needs
+        field = re.search(r'field "([^"]+)"', str(exc))
+        var = f"INFUSION_{field.group(1).upper()}" if field else "an INFUSION_* variable"
+        why = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise ConfigError(
+            "environment",
+            [f"{var}: not valid JSON{why} -> give the field as JSON (e.g. a list of tables), or unset it"],
+        ) from None
 
 
 def resolve_secret(ref: SecretRef | None, field: str) -> SecretStr | None:
@@ -390,6 +410,50 @@ def resolve_secret(ref: SecretRef | None, field: str) -> SecretStr | None:
     if ref is None:
         return None
     try:
-        return ref.resolve()
+        value = ref.resolve()
     except ValueError as exc:
         raise ConfigError("secrets", [f"{field}: {exc}"]) from None
+    register_secret(value.get_secret_value())
+    return value
+
+
+# --- redaction: no secret in a log line, an exception, check-config or /health --------------------------------
+
+_USERINFO = re.compile(r"(?<=://)[^/\s]*@")  # greedy: a password with an unencoded '@' goes too
+MIN_SECRET_LEN = 4  # shorter values would blank ordinary words out of every log line
+_secrets: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Remember a secret's value (once resolved) so that redact() removes it wherever it turns up."""
+    if value and len(value) >= MIN_SECRET_LEN:
+        _secrets.add(value)
+
+
+def redact(text: str) -> str:
+    """`text` without URL userinfo (`scheme://user:password@host` -> `scheme://***@host`) and without any
+    registered secret's value."""
+    text = _USERINFO.sub("***@", text)
+    for secret in sorted(_secrets, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """On a handler: every record it writes, from any logger, message and traceback, goes through redact()."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: logging reports those itself, a filter must not raise
+            message = f"{record.msg} {record.args}"
+        record.msg, record.args = redact(message), None
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip())
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True

@@ -7,11 +7,17 @@ Group commit: `put()` only queues; one writer commits everything queued in a sin
 previous commit finished (the window is one fsync, a few ms). `committed` futures tell callers when it is durable.
 All SQLite writes run on one dedicated thread and backlog reads on another (each with its own connection), so the
 event loop never waits on the disk and a live commit never waits behind a large read.
+
+What each sink still owes is kept in memory, exact, without a query: the head id minus the sink's cursor, minus the
+ids in between that are no longer there (readings dropped to keep within bounds, tracked as `holes`). The health
+endpoint and the alarm loop ask often; a count(*) over a 300k-record backlog takes ~100 ms on a thread the live path
+needs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import itertools
@@ -19,6 +25,7 @@ import json
 import logging
 import sqlite3
 import time
+from array import array
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -102,6 +109,10 @@ class Outbox:
         self._cursors: dict[str, int] = {}
         self._dirty: dict[str, int] = {}  # acknowledged in memory, not yet written
         self._head = 0
+        # Ids in (min cursor, head] that are not in the table (readings dropped over the bounds), sorted: what a
+        # sink owes is head - cursor - holes above the cursor. Ids at or below every cursor are forgotten.
+        self._holes = array("q")
+        self._stored = 0  # rows in the records table, so the bounds check needs no count(*) either
         self.committed = 0
         self.dropped = 0  # undelivered readings deleted to keep within bounds
 
@@ -114,16 +125,34 @@ class Outbox:
         self._cursors = await self._run(
             lambda: dict(self._conn.execute("SELECT sink, last_id FROM cursors").fetchall())
         )
-        self._head = await self._run(
-            lambda: int(self._conn.execute("SELECT coalesce(max(id), 0) FROM records").fetchone()[0])
-        )
+        self._head, self._stored, holes = await self._run(self._tally_sync, min(self._cursors.values(), default=0))
+        self._holes = array("q", holes)
         for sink in self.sinks:
             self._new[sink].set()  # a backlog from the last run may be waiting
+
+    def _tally_sync(self, after_id: int) -> tuple[int, int, list[int]]:
+        """At open, once: the last id ever given (sqlite_sequence: the newest rows may have been dropped), the
+        number of rows, and the missing ids above `after_id` (one pass over what is owed)."""
+        db = self._conn
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+        (top,) = db.execute("SELECT coalesce(max(id), 0) FROM records").fetchone()
+        head = max(int(top), int(row[0]) if row is not None else 0)
+        (stored,) = db.execute("SELECT count(*) FROM records").fetchone()
+        holes: list[int] = []
+        expected = after_id + 1
+        for (record_id,) in db.execute("SELECT id FROM records WHERE id > ? ORDER BY id", (after_id,)):
+            if record_id > expected:
+                holes.extend(range(expected, record_id))
+            expected = record_id + 1
+        holes.extend(range(expected, head + 1))
+        return head, int(stored), holes
 
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = self._connect()
+        except sqlite3.OperationalError:
+            raise  # a disk or permission error, not a damaged file: moving the outbox aside would strand its backlog
         except sqlite3.DatabaseError as exc:
             # A corrupt file must not become a crash loop: keep it for inspection and start afresh.
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
@@ -230,8 +259,10 @@ class Outbox:
             for fut in done:
                 if not fut.done():
                     fut.set_exception(exc)
+                    fut.exception()  # raised here, to whoever flushes: not again as "never retrieved" at exit
             raise
         self.committed += len(batch)
+        self._stored += len(batch)
         first = last - len(batch) + 1
         self._recent.extend(Item(first + i, record) for i, (_, _, record) in enumerate(batch))
         self._head = last
@@ -273,7 +304,8 @@ class Outbox:
             last_id = row[0] if row is not None else 0
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # a failed COMMIT may have rolled back already: keep the first error
+                db.execute("ROLLBACK")
             raise
         return int(last_id)
 
@@ -369,12 +401,24 @@ class Outbox:
             db.execute("UPDATE cursors SET last_id = max(last_id, ?) WHERE sink = ?", (last, sink))
         db.execute("COMMIT")
 
+    def owed(self) -> dict[str, int]:
+        """Records each sink still owes, from memory (exact: see the module's docstring)."""
+        holes, head = self._holes, self._head
+        return {
+            sink: max(0, head - last - (len(holes) - bisect.bisect_right(holes, last)))
+            for sink, last in self._cursors.items()
+        }
+
     async def backlog(self) -> dict[str, int]:
-        """Records each sink still owes."""
-        owed: dict[str, int] = await self._run_read(self._backlog_sync, dict(self._cursors))
+        """Records each sink still owes (owed(); a coroutine for the callers that await it)."""
+        return self.owed()
+
+    async def count_owed(self) -> dict[str, int]:
+        """The same figures by count(*) on the reader thread: for tests and diagnosis, never per request."""
+        owed: dict[str, int] = await self._run_read(self._count_owed_sync, dict(self._cursors))
         return owed
 
-    def _backlog_sync(self, cursors: dict[str, int]) -> dict[str, int]:
+    def _count_owed_sync(self, cursors: dict[str, int]) -> dict[str, int]:
         query = "SELECT count(*) FROM records WHERE id > ?"
         return {sink: int(self._reader.execute(query, (last,)).fetchone()[0]) for sink, last in cursors.items()}
 
@@ -394,13 +438,22 @@ class Outbox:
         while True:  # in chunks, each its own transaction, so live commits slip in between
             deleted: int = await self._run(self._prune_settled_sync, PRUNE_CHUNK)
             settled += deleted
+            self._stored -= deleted
             if deleted < PRUNE_CHUNK:
                 break
-        dropped: int = await self._run(self._prune_bounds_sync, max_records, max_age_s)
-        self.dropped += dropped
-        if dropped:
-            log.error("outbox over its bounds: dropped the %d oldest undelivered readings", dropped)
-        return settled + dropped
+        over = self._stored - max_records if max_records is not None else 0
+        ids: list[int] = await self._run(self._prune_bounds_sync, over, max_age_s)
+        if ids:
+            self._stored -= len(ids)
+            self.dropped += len(ids)
+            if ids[0] > (self._holes[-1] if self._holes else 0):
+                self._holes.extend(ids)  # the usual case: the oldest remaining readings, above earlier holes
+            else:
+                self._holes = array("q", sorted(itertools.chain(self._holes, ids)))
+            log.error("outbox over its bounds: dropped the %d oldest undelivered readings", len(ids))
+        settled_everywhere = min(self._cursors.values(), default=0)
+        del self._holes[: bisect.bisect_right(self._holes, settled_everywhere)]
+        return settled + len(ids)
 
     def _prune_settled_sync(self, limit: int) -> int:
         marks = ",".join("?" * len(self.sinks))
@@ -412,19 +465,32 @@ class Outbox:
             ).rowcount
         )
 
-    def _prune_bounds_sync(self, max_records: int | None, max_age_s: float | None) -> int:
+    def _prune_bounds_sync(self, over: int, max_age_s: float | None) -> list[int]:
+        """Drop readings and waveforms older than max_age_s, then the oldest `over` more (minus those): the ids
+        dropped, ascending, in one transaction."""
         db = self._conn
-        dropped = 0
-        if max_age_s is not None:
-            dropped += db.execute(
-                "DELETE FROM records WHERE type IN ('reading', 'waveform') AND created < ?", (time.time() - max_age_s,)
-            ).rowcount
-        if max_records is not None:
-            (count,) = db.execute("SELECT count(*) FROM records").fetchone()
-            if count > max_records:
-                dropped += db.execute(
-                    "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE type IN ('reading', 'waveform') "
-                    "ORDER BY id LIMIT ?)",
-                    (count - max_records,),
-                ).rowcount
+        dropped: list[int] = []
+        kinds = "type IN ('reading', 'waveform')"
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if max_age_s is not None:
+                cutoff = time.time() - max_age_s
+                oldest = db.execute("SELECT created FROM records ORDER BY id LIMIT 1").fetchone()
+                # Rows are created in id order: when the oldest is young enough, so is every other, and the
+                # table (no index on `created`) is not scanned every few seconds on the thread live commits use.
+                if oldest is not None and oldest[0] < cutoff:
+                    aged = f"{kinds} AND created < ?"
+                    dropped += [i for (i,) in db.execute(f"SELECT id FROM records WHERE {aged}", (cutoff,))]
+                    db.execute(f"DELETE FROM records WHERE {aged}", (cutoff,))
+            if over - len(dropped) > 0:
+                oldest_first = f"SELECT id FROM records WHERE {kinds} ORDER BY id LIMIT ?"
+                more = [i for (i,) in db.execute(oldest_first, (over - len(dropped),))]
+                db.execute(f"DELETE FROM records WHERE id IN ({oldest_first})", (len(more),))
+                dropped += more
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        dropped.sort()
         return dropped

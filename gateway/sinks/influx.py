@@ -21,7 +21,7 @@ from influxdb_client.client.write.point import Point
 from influxdb_client.domain.write_precision import WritePrecision
 from influxdb_client.rest import ApiException
 
-from gateway.config import InfluxSection, resolve_secret
+from gateway.config import InfluxSection, redact, resolve_secret
 from gateway.records import parse_iso_ns
 from gateway.sinks import ACCEPTED, Outcome, SinkUnavailable, WriteResult
 
@@ -118,6 +118,7 @@ class InfluxSink:
 
     def __init__(self, cfg: InfluxSection) -> None:
         self.cfg = cfg
+        self.where = redact(cfg.url)  # for messages and logs: never the URL's user:password
         self._v2: InfluxDBClientAsync | None = None
         self._http: aiohttp.ClientSession | None = None
         self.written = 0
@@ -170,7 +171,7 @@ class InfluxSink:
         try:
             result = await (self._write_v2(body) if self._v2 is not None else self._write_v1(body))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise SinkUnavailable(f"InfluxDB {self.cfg.url} unreachable: {exc!r}") from exc
+            raise SinkUnavailable(redact(f"InfluxDB {self.where} unreachable: {exc!r}")) from exc
         if result.outcome is Outcome.ACCEPTED:
             self.written += points
         return result
@@ -192,5 +193,5 @@ class InfluxSink:
         except ApiException as exc:
             return _classify(int(exc.status or 0), str(exc.body or exc.reason))
         except TimeoutError as exc:
-            raise SinkUnavailable(f"InfluxDB {self.cfg.url} timed out") from exc
+            raise SinkUnavailable(f"InfluxDB {self.where} timed out") from exc
         return ACCEPTED

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_config, resolve_secret
+from gateway.config import (
+    ConfigError,
+    InfluxSection,
+    RedactingFilter,
+    load_config,
+    redact,
+    register_secret,
+    resolve_secret,
+)
+from gateway.sinks import SinkUnavailable
+from gateway.sinks.influx import InfluxSink
 
 HERE = Path(__file__).parent
 BAD = sorted((HERE / "bad_configs").glob("*.toml"))
@@ -101,3 +114,63 @@ def test_check_config_cli_exits_nonzero_with_errors() -> None:
     assert out.returncode == 2
     assert "mqtt.hots: unknown key" in out.stderr
     assert out.stdout == ""
+
+
+# --- redaction (issue 12, observation 7) and environment overrides that are not JSON (observation 6) ------------
+
+
+def test_redact_removes_url_userinfo_and_registered_secrets() -> None:
+    register_secret("token-abc-991")
+    register_secret("ab")  # too short to blank out of every line: never registered
+    text = "connect http://reader:p@ss@db.local:8086/write with token-abc-991, then https://host/x?a=b ab"
+    assert redact(text) == "connect http://***@db.local:8086/write with ***, then https://host/x?a=b ab"
+
+
+def test_check_config_prints_the_influx_url_without_its_userinfo(tmp_path: Path) -> None:
+    config = tmp_path / "gw.toml"
+    config.write_text('[influx]\napi = "v1"\nurl = "http://reader:pw-in-url-123@db.local:8086"\ndatabase = "x"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(config)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["influx"]["url"] == "http://***@db.local:8086"
+    assert "pw-in-url-123" not in out.stdout + out.stderr
+
+
+def test_every_log_record_is_redacted_message_and_traceback() -> None:
+    register_secret("s3cret-value-42")
+    handler = logging.StreamHandler(io.StringIO())
+    handler.addFilter(RedactingFilter())
+    logger = logging.getLogger("some.library")
+    logger.addHandler(handler)
+    try:
+        try:
+            raise ValueError("bad login to https://u:s3cret-value-42@influx.local:8086")
+        except ValueError:
+            logger.exception("retrying %s with %s", "http://user:pw-99@h:1/write", "s3cret-value-42")
+    finally:
+        logger.removeHandler(handler)
+    assert isinstance(handler.stream, io.StringIO)
+    written = handler.stream.getvalue()
+    assert "ValueError: bad login to https://***@influx.local:8086" in written  # the traceback is still there
+    assert "retrying http://***@h:1/write with ***" in written
+    assert "s3cret-value-42" not in written and "pw-99" not in written
+
+
+async def test_an_unreachable_influxdb_is_reported_without_the_urls_userinfo() -> None:
+    sink = InfluxSink(InfluxSection(api="v1", url="http://reader:url-pw-5521@127.0.0.1:9", database="x"))
+    async with sink:
+        with pytest.raises(SinkUnavailable) as caught:
+            await sink.write_rendered((1, "m v=1 1"))
+    assert "url-pw-5521" not in str(caught.value) and "http://***@127.0.0.1:9" in str(caught.value)
+
+
+def test_an_environment_override_that_is_not_json_is_a_named_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """It was a pydantic_settings traceback."""
+    config = tmp_path / "gw.toml"
+    config.write_text('[influx]\napi = "v1"\ndatabase = "x"\n')
+    monkeypatch.setenv("INFUSION_DEVICES", "room 1 oximeter")
+    with pytest.raises(ConfigError, match=r"INFUSION_DEVICES: not valid JSON .* -> give the field as JSON"):
+        load_config(config)

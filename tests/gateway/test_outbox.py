@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import tempfile
 from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.outbox import Outbox
 
@@ -105,4 +113,84 @@ async def test_read_after_gives_the_same_records_from_memory_and_from_disk(tmp_p
         assert got == list(range(after + 1, min(head, after + limit) + 1)), (after, limit)
         on_disk = [(it.id, it.record) for it in await box.read_range(after, None, limit)]
         assert on_disk == [(it.id, it.record) for it in await box.read_after(after, limit)]
+    await box.close()
+
+
+# --- what each sink owes, from memory (issue 12, observation 5) --------------------------------------------------
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("commit"), st.integers(1, 40), st.floats(0, 1)),  # n records, share of statuses
+        st.tuples(st.just("ack"), st.sampled_from(["mqtt", "influx"]), st.integers(0, 30)),
+        st.tuples(st.just("reject"), st.sampled_from(["mqtt", "influx"]), st.integers(1, 5)),
+        st.tuples(st.just("prune"), st.integers(0, 60), st.booleans()),  # bound, and age them past the limit
+        st.tuples(st.just("reopen"), st.just(0), st.just(0)),
+    ),
+    max_size=25,
+)
+
+
+async def _owed_matches_count(path: Path, ops: list[tuple[str, Any, Any]]) -> None:
+    box = Outbox(path, sinks=("mqtt", "influx"))
+    await box.open()
+    try:
+        for op, a, b in ops:
+            if op == "commit":
+                for i in range(a):
+                    kind = "status" if i < a * b else "reading"
+                    box.put("1/ox", box.next_seq("1/ox"), {"type": kind, "seq": 0})
+                await box.flush()
+            elif op in ("ack", "reject"):
+                items = await box.read(a, b)
+                if items and op == "ack":
+                    await box.ack(a, items[-1].id)
+                elif items:
+                    await box.reject(a, items, "test")
+            elif op == "prune":
+                if b:  # every record so far is older than the age bound
+                    box._conn.execute("UPDATE records SET created = created - 100000")
+                await box.prune(max_records=a, max_age_s=50_000 if b else None)
+            else:
+                await box.close()
+                box = Outbox(path, sinks=("mqtt", "influx"))
+                await box.open()
+            assert box.owed() == await box.count_owed(), (op, a, b)
+    finally:
+        await box.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(_OPS)
+def test_what_each_sink_owes_is_exact_from_memory(ops: list[tuple[str, Any, Any]]) -> None:
+    """Commits, acknowledgements, rejects, settled prunes, readings dropped over the bounds (by count and by age)
+    and restarts: the figure without a query equals count(*)."""
+    with tempfile.TemporaryDirectory() as folder:
+        asyncio.run(_owed_matches_count(Path(folder) / "o.db", ops))
+
+
+async def test_dropped_readings_are_not_owed_after_a_restart(tmp_path: Path) -> None:
+    box = await _filled(tmp_path / "o.db", 3000)
+    await box.prune(max_records=1000)
+    assert box.owed() == {"mqtt": 1000, "influx": 1000}
+    await box.close()
+    again = Outbox(tmp_path / "o.db", sinks=("mqtt", "influx"))
+    await again.open()
+    assert again.owed() == {"mqtt": 1000, "influx": 1000} == await again.count_owed()
+    items = await again.read("influx", 5000)
+    await again.ack("influx", items[-1].id)
+    assert again.owed() == {"mqtt": 1000, "influx": 0}
+    await again.close()
+
+
+async def test_a_failed_commit_reports_the_disk_error_not_a_rollback_error(tmp_path: Path) -> None:
+    """SQLite rolls back a failed COMMIT itself; our ROLLBACK then raised 'no transaction is active' and hid the
+    real cause (issue 12: `task status failed: cannot rollback`)."""
+    box = await _filled(tmp_path / "o.db", 1)
+    box._conn.execute("PRAGMA query_only = 1")  # every write now fails, as a read-only disk would
+    fut = box.put("1/ox", box.next_seq("1/ox"), _record(2))
+    with pytest.raises(sqlite3.OperationalError) as caught:
+        await box.flush()
+    assert "rollback" not in str(caught.value)
+    assert isinstance(fut.exception(), sqlite3.OperationalError)
+    box._conn.execute("PRAGMA query_only = 0")
     await box.close()

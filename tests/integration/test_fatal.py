@@ -1,0 +1,165 @@
+"""Fatal means non-zero, named in one line with the fix, and no secret in any output (issue 12, observations 6, 7).
+
+The real CLI, as systemd and compose run it. The sinks point at closed ports (nothing here needs a broker or a
+database): every fault below is found by the gateway itself, before it opens a port where it can be.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gateway.localservices import find_free_port
+from gateway.preflight import EXIT_CONFIG, EXIT_STORAGE
+
+CLOSED = 9  # discard: nothing listens on it on a test machine
+
+
+def _config(tmp_path: Path, data_dir: Path | None = None, mqtt: str = "", influx_url: str = "") -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f"""
+[gateway]
+data_dir = "{data_dir or tmp_path / "data"}"
+health_port = {find_free_port()}
+status_interval_s = 0.2
+[mqtt]
+host = "127.0.0.1"
+port = {CLOSED}
+{mqtt}
+[influx]
+api = "v1"
+url = "{influx_url or f"http://127.0.0.1:{CLOSED}"}"
+database = "x"
+"""
+    )
+    return path
+
+
+def _run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30, fsize: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    def limit() -> None:
+        if fsize is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        preexec_fn=limit,
+        check=False,
+    )
+
+
+def _fatal_line(out: str) -> str:
+    """The one line that says what was fatal; there is exactly one, and no traceback."""
+    assert "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if "fatal:" in line]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+def test_a_missing_secret_exits_2_before_any_port_is_opened(tmp_path: Path) -> None:
+    """It was found by the MQTT sink after the health port opened: `task sink-mqtt failed: ConfigError`, exit 0."""
+    config = _config(tmp_path, mqtt='username = "gw"\npassword = { env = "MQTT_PASSWORD_NOT_SET" }')
+    env = {k: v for k, v in os.environ.items() if k != "MQTT_PASSWORD_NOT_SET"}
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == EXIT_CONFIG, out.stderr
+    line = _fatal_line(out.stderr)
+    assert "mqtt.password" in line and "MQTT_PASSWORD_NOT_SET" in line and "export" in line
+    assert "health endpoint on" not in out.stderr and "started" not in out.stderr
+
+
+def test_a_bad_infusion_devices_variable_is_a_named_error_not_a_traceback(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    for command in (["run", "--config", str(config)], ["check-config", str(config)]):
+        out = _run(*command, env={"INFUSION_DEVICES": "not json"})
+        assert out.returncode == EXIT_CONFIG, out.stderr
+        assert "Traceback" not in out.stderr
+        assert "INFUSION_DEVICES" in out.stderr and "JSON" in out.stderr
+
+
+def test_an_unwritable_data_dir_exits_3_with_the_fix(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the data directory's parent should be")
+    out = _run("run", "--config", str(_config(tmp_path, data_dir=blocker / "data")))
+    assert out.returncode == EXIT_STORAGE, out.stderr
+    line = _fatal_line(out.stderr)
+    assert "data_dir" in line and str(blocker / "data") in line and "->" in line
+    assert "health endpoint on" not in out.stderr
+
+
+def test_an_outbox_that_cannot_be_opened_exits_3(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "outbox.sqlite3").mkdir(parents=True)  # a directory where the database file should be
+    out = _run("run", "--config", str(_config(tmp_path, data_dir=data)))
+    assert out.returncode == EXIT_STORAGE, out.stderr
+    line = _fatal_line(out.stderr)
+    assert "outbox" in line and "->" in line
+    assert "health endpoint on" not in out.stderr
+
+
+def test_a_disk_error_at_start_is_not_mistaken_for_corruption(tmp_path: Path) -> None:
+    """A write error opening the outbox used to move the whole outbox aside as "corrupt" (what was owed left
+    behind in a file nobody delivers) and then crash with a traceback."""
+    data = tmp_path / "data"
+    out = _run("run", "--config", str(_config(tmp_path, data_dir=data)), fsize=64 * 1024)
+    assert out.returncode == EXIT_STORAGE, out.stderr
+    assert "outbox" in _fatal_line(out.stderr)
+    assert not list(data.glob("*.corrupt-*")), "a disk error moved the outbox aside"
+
+
+def test_an_outbox_write_failure_while_running_exits_3(tmp_path: Path) -> None:
+    """The disk fills while the gateway runs (RLIMIT_FSIZE: SQLite's writes fail with EFBIG, as on a full disk).
+    It exited 0 after `task status failed: OperationalError('cannot rollback - no transaction is active')`."""
+    t0 = time.monotonic()
+    out = _run("run", "--config", str(_config(tmp_path)), fsize=256 * 1024, timeout=90)
+    assert out.returncode == EXIT_STORAGE, out.stderr[-3000:]
+    line = _fatal_line(out.stderr)
+    assert "outbox" in line and "disk" in line and "->" in line
+    assert "cannot rollback" not in out.stderr
+    assert time.monotonic() - t0 < 60
+
+
+def test_credentials_in_the_influx_url_and_secrets_never_reach_any_output(tmp_path: Path) -> None:
+    """`check-config` printed the URL with user:password, and every InfluxDB retry logged it."""
+    config = _config(
+        tmp_path,
+        mqtt='username = "gw"\npassword = { env = "TEST_MQTT_SECRET" }',
+        influx_url=f"http://reader:url-secret-7731@127.0.0.1:{CLOSED}",
+    )
+    env = {"TEST_MQTT_SECRET": "mqtt-secret-4455"}
+    checked = _run("check-config", str(config), env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert "url-secret-7731" not in checked.stdout + checked.stderr
+    assert f"http://***@127.0.0.1:{CLOSED}" in checked.stdout
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+    )
+    try:
+        time.sleep(4)  # several reconnect attempts of both sinks, each logged
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode == 0, output[-3000:]
+    assert output.count("influx unavailable") >= 2, output[-3000:]
+    assert "url-secret-7731" not in output and "mqtt-secret-4455" not in output
