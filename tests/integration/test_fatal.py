@@ -6,12 +6,14 @@ database): every fault below is found by the gateway itself, before it opens a p
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from gateway.localservices import find_free_port
@@ -20,13 +22,15 @@ from gateway.preflight import EXIT_CONFIG, EXIT_STORAGE
 CLOSED = 9  # discard: nothing listens on it on a test machine
 
 
-def _config(tmp_path: Path, data_dir: Path | None = None, mqtt: str = "", influx_url: str = "") -> Path:
+def _config(
+    tmp_path: Path, data_dir: Path | None = None, mqtt: str = "", influx_url: str = "", health_port: int = 0
+) -> Path:
     path = tmp_path / "gateway.toml"
     path.write_text(
         f"""
 [gateway]
 data_dir = "{data_dir or tmp_path / "data"}"
-health_port = {find_free_port()}
+health_port = {health_port or find_free_port()}
 status_interval_s = 0.2
 [mqtt]
 host = "127.0.0.1"
@@ -138,8 +142,10 @@ def test_an_outbox_write_failure_while_running_exits_3(tmp_path: Path) -> None:
 
 def test_credentials_in_the_influx_url_and_secrets_never_reach_any_output(tmp_path: Path) -> None:
     """`check-config` printed the URL with user:password, and every InfluxDB retry logged it."""
+    health_port = find_free_port()
     config = _config(
         tmp_path,
+        health_port=health_port,
         mqtt='username = "gw"\npassword = { env = "TEST_MQTT_SECRET" }',
         influx_url=f"http://reader:url-secret-7731@127.0.0.1:{CLOSED}",
     )
@@ -157,6 +163,10 @@ def test_credentials_in_the_influx_url_and_secrets_never_reach_any_output(tmp_pa
     )
     try:
         time.sleep(4)  # several reconnect attempts of both sinks, each logged
+        with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/health", timeout=5) as resp:
+            health = resp.read().decode()
+        assert json.loads(health)["state"] == "degraded"
+        assert "url-secret-7731" not in health and "mqtt-secret-4455" not in health
     finally:
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=30)[0].decode()
