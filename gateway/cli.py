@@ -417,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     wat.add_argument("--port", type=int, default=None)
     wat.add_argument("--site", default=None)
     wat.add_argument("--prefix", default=None)
+    wat.add_argument("--username", help="broker account (a reader), not the gateway's")
+    wat_secret = wat.add_mutually_exclusive_group()
+    wat_secret.add_argument("--password-env", metavar="VAR", help="the account's password is in this variable")
+    wat_secret.add_argument("--password-file", type=Path, metavar="FILE", help="the account's password file")
     wat.add_argument("--once", type=float, metavar="SECONDS", help="collect for SECONDS, print the wall, exit")
     wat.set_defaults(func=cmd_watch)
 
@@ -432,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--site", default=None)
         parser.add_argument("--prefix", default=None)
         parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the gateway's reply")
+        login_args(parser)
+
+    def login_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--username", help="broker account (a nurse station or reader), not the gateway's")
+        secret = parser.add_mutually_exclusive_group()
+        secret.add_argument("--password-env", metavar="VAR", help="the account's password is in this variable")
+        secret.add_argument("--password-file", type=Path, metavar="FILE", help="the account's password file")
 
     ses = sub.add_parser("session", help="start or stop a room's infusion session (the baseline for relative alarms)")
     ses.add_argument("action", choices=["start", "stop"])

@@ -33,7 +33,7 @@ from rich.text import Text
 
 from gateway.alarms import EXAMPLE_KETAMINE_PROFILE, AlarmProfile, Priority
 from gateway.backoff import Backoff
-from gateway.config import ConfigError, MqttSection, load_config
+from gateway.config import ConfigError, MqttSection, SecretRef, load_config
 from gateway.records import parse_iso_ns
 
 STALE_AFTER_S = 5.0
@@ -436,6 +436,15 @@ def _settings(args: argparse.Namespace) -> tuple[MqttSection, str, AlarmProfile]
         updates["port"] = args.port
     if args.prefix:
         updates["topic_prefix"] = args.prefix
+    # A person's tool logs in with its own broker account (a reader or the nurse station), never the gateway's:
+    # with the shipped ACL the broker gives each account one client id, so the gateway's would kick the gateway off.
+    if getattr(args, "username", None):
+        updates["username"] = args.username
+        updates["password"] = None
+    if getattr(args, "password_env", None):
+        updates["password"] = SecretRef(env=args.password_env)
+    elif getattr(args, "password_file", None):
+        updates["password"] = SecretRef(file=args.password_file)
     return mqtt.model_copy(update=updates), args.site or site, profile
 
 

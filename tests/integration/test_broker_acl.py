@@ -20,6 +20,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator
@@ -475,6 +476,28 @@ async def test_nurse_station_command_round_trip(
             payload = json.dumps({"id": f"c-{next(_ids)}", "action": "acknowledge"}).encode()
             reply = await request(nurse, topic, payload, json.loads(payload)["id"], timeout_s=WAIT_S)
             assert json.loads(reply) == {"id": json.loads(payload)["id"], "ok": True}
+        # The same through the real CLI, logged in as the nurse station (its password from the environment).
+        login = ["--username", "nurse-station-1", "--password-env", "TEST_NURSE_PASSWORD"]
+        broker_args = ["--host", "127.0.0.1", "--port", str(broker.port), "--site", SITE, *login]
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "ack",
+            "--room",
+            "1",
+            "--alarm",
+            "1/oximeter/spo2-low",
+            "--role",
+            "nurse",
+            *broker_args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(30):
+            out, err = await cli.communicate()
+        assert cli.returncode == 0, err.decode()
+        assert json.loads(out)["ok"] is True
     finally:
         responder.cancel()
 
