@@ -19,10 +19,12 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from gateway.backoff import Backoff
 from gateway.outbox import Item, Outbox
-from gateway.sinks import LinkWatched, Outcome, Prerenderable, Sink, SinkUnavailable
+from gateway.sinks import LinkWatched, Outcome, Prerenderable, Sink, SinkUnavailable, WriteResult
 
 log = logging.getLogger(__name__)
 NICE = 10  # the backlog renderer's priority below the gateway's
+# What a sink raises for a record it cannot shape (a missing field, a wrong type): that record's fault, not the link's.
+RECORD_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
 
 
 def _init_worker(parent: int) -> None:
@@ -276,7 +278,7 @@ class SinkWorker:
         raise SinkUnavailable(result.reason)
 
     async def _settle(self, sink: Sink, items: list[Item], advance: bool = True) -> None:
-        result = await sink.write([it.record for it in items])
+        result = await self._write(sink, items)
         if result.outcome is Outcome.ACCEPTED:
             if advance:
                 await self.outbox.ack(self.name, items[-1].id)
@@ -296,3 +298,16 @@ class SinkWorker:
                 await self.outbox.ack(self.name, items[-1].id)
         else:
             raise SinkUnavailable(result.reason)
+
+    async def _write(self, sink: Sink, items: list[Item]) -> WriteResult:
+        """The sink's verdict on `items`. A record that cannot be read back from the outbox, or that the sink cannot
+        even route or encode, is refused here, never raised: the batch is halved down to it (nothing of a refused
+        batch was sent) and it goes to the rejected pile with the reason, so one damaged record cannot end the
+        sink's task."""
+        broken = next((it for it in items if it.error), None)
+        if broken is not None:
+            return WriteResult(Outcome.REJECTED, broken.error)
+        try:
+            return await sink.write([it.record for it in items])
+        except RECORD_ERRORS as exc:
+            return WriteResult(Outcome.REJECTED, f"{self.name} cannot encode the record: {exc!r}"[:500])

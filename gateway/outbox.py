@@ -32,42 +32,47 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway import storage
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 RECENT = 4096  # committed records kept in memory for sinks that keep up
 PRUNE_CHUNK = 2000  # settled records deleted per transaction (a whole backlog at once would stall live commits)
 CURSOR_SAVE_S = 1.0  # the longest an acknowledged cursor waits in memory for a commit to carry it to disk
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    key TEXT NOT NULL,          -- room/device
-    seq INTEGER NOT NULL,
-    type TEXT NOT NULL,
-    body TEXT NOT NULL,         -- the JSON record, exactly as sinks receive it
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, last_id INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS sequences (key TEXT PRIMARY KEY, seq INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, body TEXT NOT NULL);  -- e.g. the alarm engine's
-CREATE TABLE IF NOT EXISTS rejected (
-    sink TEXT NOT NULL, record_id INTEGER NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL, body TEXT NOT NULL
-);
-"""
+SCHEMA = storage.SCHEMA  # the tables, their version and migrations live in gateway/storage.py
 
 
 @dataclass(frozen=True, slots=True)
 class Item:
     id: int
     record: dict[str, Any]
+    # Why the stored body is not a record (damaged on disk): then `record` holds only the raw text, and the sink
+    # worker puts the item on the rejected pile with this reason instead of sending it.
+    error: str = ""
 
 
-def _select_range(db: sqlite3.Connection, after_id: int, before_id: int | None, limit: int) -> list[tuple[int, str]]:
+def _select_range(db: sqlite3.Connection, after_id: int, before_id: int | None, limit: int) -> list[tuple[int, bytes]]:
+    """Bodies as bytes: a body that is no longer UTF-8 would make SQLite's text decoding fail the whole read."""
     upper = before_id if before_id is not None else 2**62
-    rows: list[tuple[int, str]] = db.execute(
-        "SELECT id, body FROM records WHERE id > ? AND id < ? ORDER BY id LIMIT ?", (after_id, upper, limit)
+    rows: list[tuple[int, bytes]] = db.execute(
+        "SELECT id, CAST(body AS BLOB) FROM records WHERE id > ? AND id < ? ORDER BY id LIMIT ?",
+        (after_id, upper, limit),
     ).fetchall()
     return rows
+
+
+def _decode(record_id: int, body: bytes) -> Item:
+    """The record of a stored body; an undecodable body becomes an Item with `error` set, never an exception."""
+    try:
+        record = json.loads(body)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        reason = f"undecodable in the outbox: {type(exc).__name__}: {exc}"
+    else:
+        if isinstance(record, dict) and isinstance(record.get("type"), str):
+            return Item(record_id, record)
+        reason = "undecodable in the outbox: not a JSON object with a type"
+    return Item(record_id, {"undecodable": body.decode("utf-8", "backslashreplace")}, reason[:500])
 
 
 _worker_dbs: dict[str, sqlite3.Connection] = {}  # map_rows' connections, one per outbox file in a worker process
@@ -84,7 +89,11 @@ def map_rows(
     rows = _select_range(db, after_id, before_id, limit)
     if not rows:
         return None
-    return rows[-1][0], len(rows), fn([json.loads(body) for _id, body in rows])
+    items = [_decode(i, body) for i, body in rows]
+    bad = next((it for it in items if it.error), None)
+    if bad is not None:  # the caller sends this range the usual way, which puts the bad record on the rejected pile
+        raise ValueError(f"record {bad.id}: {bad.error}")
+    return rows[-1][0], len(rows), fn([it.record for it in items])
 
 
 class Outbox:
@@ -103,6 +112,8 @@ class Outbox:
         self._wake = asyncio.Event()
         self._new: dict[str, asyncio.Event] = {s: asyncio.Event() for s in sinks}
         self._seq: dict[str, int] = {}
+        self._marks: storage.SequenceMarks | None = None  # reserved sequence numbers, beside the outbox
+        self.storage: storage.OpenReport | None = None  # what opening found: damage, salvage, migration, modes
         # The latest committed records, shared by every sink: a sink that keeps up takes its next batch from
         # here instead of reading back from SQLite (three thread hops fewer on the live path).
         self._recent: collections.deque[Item] = collections.deque(maxlen=RECENT)
@@ -148,30 +159,9 @@ class Outbox:
         return head, int(stored), holes
 
     def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = self._connect()
-        except sqlite3.OperationalError:
-            raise  # a disk or permission error, not a damaged file: moving the outbox aside would strand its backlog
-        except sqlite3.DatabaseError as exc:
-            # A corrupt file must not become a crash loop: keep it for inspection and start afresh.
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            log.error("outbox %s is unreadable (%s); moved aside to %s", self.path, exc, aside)
-            for suffix in ("", "-wal", "-shm"):
-                src = Path(f"{self.path}{suffix}")
-                if src.exists():
-                    src.rename(f"{aside}{suffix}")
-            self._db = self._connect()
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # survive a power cut, not only a process crash
-        db.executescript(SCHEMA)
-        db.execute("PRAGMA quick_check").fetchone()
-        for sink in self.sinks:
-            db.execute("INSERT OR IGNORE INTO cursors(sink, last_id) VALUES (?, 0)", (sink,))
-        return db
+        """Permissions, quick_check, schema version, salvage of a damaged file, sequence marks: gateway/storage.py.
+        A disk or permission error is raised as it is (not damage: moving the file aside would strand its backlog)."""
+        self._db, self._marks, self.storage = storage.open_outbox(self.path, self.sinks)
 
     async def close(self) -> None:
         await self.flush()
@@ -206,6 +196,9 @@ class Outbox:
         """Sequence numbers continue across restarts, so ids stay unique and readings can be counted."""
         seq = self._seq.get(key, 0) + 1
         self._seq[key] = seq
+        if self._marks is not None and self._marks.due(key, seq):
+            # A new reservation, written on the writer thread ahead of the commit that carries this number.
+            self._pool.submit(self._marks.save)
         return seq
 
     def put_state(self, name: str, value: dict[str, Any]) -> None:
@@ -215,11 +208,16 @@ class Outbox:
         self._wake.set()
 
     async def load_state(self, name: str) -> dict[str, Any] | None:
-        row = await self._run(lambda: self._conn.execute("SELECT body FROM state WHERE name = ?", (name,)).fetchone())
+        query = "SELECT CAST(body AS BLOB) FROM state WHERE name = ?"
+        row = await self._run(lambda: self._conn.execute(query, (name,)).fetchone())
         if row is None:
             return None
-        value: dict[str, Any] = json.loads(row[0])
-        return value
+        try:
+            value = json.loads(row[0])
+        except ValueError as exc:  # damaged on disk: start without it rather than not at all
+            log.error("outbox state %r is undecodable (%s): starting without it", name, exc)
+            return None
+        return value if isinstance(value, dict) else None
 
     def put(self, key: str, seq: int, record: dict[str, Any]) -> asyncio.Future[None]:
         """Queue a record for the next group commit; the future resolves once it is durable."""
@@ -347,7 +345,7 @@ class Outbox:
 
     def _read_range_sync(self, after_id: int, before_id: int | None, limit: int) -> list[Item]:
         rows = _select_range(self._reader, after_id, before_id, limit)
-        return [Item(i, json.loads(body)) for i, body in rows]  # decoded here, not on the event loop
+        return [_decode(i, body) for i, body in rows]  # decoded here, not on the event loop
 
     async def map_range(
         self,
