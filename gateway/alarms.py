@@ -113,6 +113,7 @@ class TechnicalRules(_Strict):
     outbox_filling: TechnicalRule = TechnicalRule(priority="medium")
     broker_lost: TechnicalRule = TechnicalRule(priority="high", delay_s=10)
     clock_skew: TechnicalRule = TechnicalRule(priority="medium")
+    storage: TechnicalRule = TechnicalRule(priority="high")  # the outbox cannot be written: nothing is durable
     outbox_fill_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.8
     clock_skew_limit_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
 
@@ -455,6 +456,11 @@ class AlarmEngine:
         full = outbox_fill >= self.tech.outbox_fill_fraction
         out += self._technical("_gateway", gateway, "outbox_filling", full, now, value=round(outbox_fill, 3))
         return out
+
+    def on_storage(self, gateway: str, problem: str | None, unsaved: int, now: float) -> list[AlarmEvent]:
+        """The outbox cannot be written (disk full, I/O error): records wait in memory, nothing new is durable."""
+        message = f"storage: {problem}" if problem else ""
+        return self._technical("_gateway", gateway, "storage", problem is not None, now, value=unsaved, message=message)
 
     def on_clock(self, gateway: str, skew_s: float, uncertainty_s: float, server: str, now: float) -> list[AlarmEvent]:
         """The gateway's clock against a server's (positive: the gateway is ahead). Only a skew beyond the limit

@@ -22,6 +22,7 @@ from gateway.records import (
     alarm_record,
     gateway_origin,
     gateway_status_record,
+    iso_after,
     iso_utc,
     origin_for,
     reading_record,
@@ -76,6 +77,7 @@ class Gateway:
             offload=True,  # a backlog is read and rendered by a worker process: its GIL is not the live data's
         )
         self.received = 0
+        self._last_time: dict[str, str] = {}  # outbox key -> time of its latest record
         self.profile = cfg.alarms.build()
         if self.profile.example:
             log.warning(
@@ -102,9 +104,17 @@ class Gateway:
         return self.router.handle(topic, payload)
 
     def _put(self, key: str, build: Callable[..., dict[str, Any]], origin: dict[str, str], *args: Any) -> None:
-        """Number the record in its key's sequence, build it and queue it for the next commit."""
+        """Number the record in its key's sequence, build it and queue it for the next commit. Its time is made
+        strictly later than the key's previous record: InfluxDB identifies a point by series and time, so two
+        records stamped alike (lines that arrived in one read, an acknowledgement and the clear it causes) would
+        overwrite each other there."""
         seq = self.outbox.next_seq(key)
-        self.outbox.put(key, seq, build(origin, seq, *args))
+        record = build(origin, seq, *args)
+        last = self._last_time.get(key)
+        if last is not None and record["time"] <= last:
+            record["time"] = iso_after(last)
+        self._last_time[key] = record["time"]
+        self.outbox.put(key, seq, record)
 
     def _emit(self, session: DeviceSession, event: Reading | DeviceStatus | Waveform, now: float) -> None:
         """Stamp an event and hand it to the outbox; nothing reaches a sink before the commit. Then alarms."""
@@ -208,7 +218,24 @@ class Gateway:
             # even if each reconnect succeeds at once.
             link = self.mqtt.connected and self.mqtt.losses_within(LINK_FLAP_WINDOW_S) < LINK_FLAP_LOSSES
             self._alarm_events(self.alarms.on_gateway(self.cfg.gateway.id, link, fill, now))
+            storage = self.outbox.storage_error
+            detail = None if storage is None else f"{storage}; {self.outbox.unsaved} records wait in memory"
+            self._alarm_events(self.alarms.on_storage(self.cfg.gateway.id, detail, self.outbox.unsaved, now))
             await asyncio.sleep(self.cfg.alarms.tick_s)
+
+    async def _relay_unsaved(self) -> None:
+        """While the outbox cannot be written, live records still reach MQTT (marked `durable: false`) so the wall
+        and the alarms keep working; each is published again, durable, once it is committed."""
+        while True:
+            await self.outbox.unsaved_ready.wait()
+            records = self.outbox.take_unsaved()
+            sink = self.mqtt.sink
+            if not records or not isinstance(sink, MqttSink):
+                continue
+            try:
+                await sink.write([{**record, "durable": False} for record in records])
+            except SinkUnavailable as exc:
+                log.warning("%d undurable records not published: %s", len(records), exc)
 
     async def _clock_loop(self) -> None:
         """The gateway's clock against the database's, every CLOCK_CHECK_S: a skewed clock makes the wall show
@@ -246,13 +273,18 @@ class Gateway:
                 "backlog_influx": backlog.get("influx", 0),
                 "rejected": self.mqtt.rejected + self.influx.rejected,
                 "dropped": self.outbox.dropped,
+                "unsaved": self.outbox.unsaved if self.outbox.storage_error else 0,
+                "unsaved_dropped": self.outbox.unsaved_dropped,
             },
             "links": {
                 "mqtt": "up" if self.mqtt.connected else "down",
                 "influx": "up" if self.influx.connected else "down",
+                "storage": "up" if self.outbox.storage_error is None else "down",
                 **{s.key: str(s.state) if s.state else "starting" for s in self.sessions},
             },
-            "state": "online" if self.mqtt.connected and self.influx.connected else "degraded",
+            "state": "online"
+            if self.mqtt.connected and self.influx.connected and self.outbox.storage_error is None
+            else "degraded",
         }
 
     async def _status_loop(self) -> None:
@@ -298,7 +330,8 @@ class Gateway:
         status = asyncio.create_task(self._status_loop(), name="status")
         alarms = asyncio.create_task(self._alarm_loop(), name="alarms")
         clock = asyncio.create_task(self._clock_loop(), name="clock")
-        everything = [committer, *workers, *sessions, status, alarms, clock]
+        relay = asyncio.create_task(self._relay_unsaved(), name="unsaved-relay")
+        everything = [committer, *workers, *sessions, status, alarms, clock, relay]
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopper, *everything], return_when=asyncio.FIRST_COMPLETED)
         ended = [task for task in done if task is not stopper]  # a task of the gateway's never ends by itself
@@ -307,7 +340,7 @@ class Gateway:
                 log.error("task %s failed: %r", task.get_name(), task.exception())
         if health is not None:
             health.ready = False
-        await self._shutdown(committer, workers, [*sessions, status, alarms, clock, stopper])
+        await self._shutdown(committer, workers, [*sessions, status, alarms, clock, relay, stopper])
         if health is not None:
             await health.stop()
         if ended:  # not a clean stop: the process must exit non-zero (gateway.preflight's exit codes)

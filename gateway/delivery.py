@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from gateway.backoff import Backoff
-from gateway.outbox import Item, Outbox
+from gateway.outbox import Item, Outbox, retryable
 from gateway.sinks import LinkWatched, Outcome, Prerenderable, Sink, SinkUnavailable, WriteResult
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,12 @@ class SinkWorker:
                 return
             bad = [items[i] for i in result.rejected] if result.rejected else items
             log.error("%s rejected %d record(s): %s", self.name, len(bad), result.reason)
-            await self.outbox.reject(self.name, bad, result.reason, advance)
+            try:
+                await self.outbox.reject(self.name, bad, result.reason, advance)
+            except Exception as exc:  # a full disk: the poison waits, the cursor stays, retried later
+                if not retryable(exc):
+                    raise
+                raise SinkUnavailable(f"outbox cannot record a rejection: {exc}") from exc
             self.rejected += len(bad)
             if advance:
                 await self.outbox.ack(self.name, items[-1].id)

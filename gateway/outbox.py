@@ -20,6 +20,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -39,8 +40,32 @@ T = TypeVar("T")
 RECENT = 4096  # committed records kept in memory for sinks that keep up
 PRUNE_CHUNK = 2000  # settled records deleted per transaction (a whole backlog at once would stall live commits)
 CURSOR_SAVE_S = 1.0  # the longest an acknowledged cursor waits in memory for a commit to carry it to disk
+# Disk full (or an I/O error) is a state, not a crash: records wait in memory, at most this many (about 1 KB each,
+# so some 100 MB; at 200 devices a reading a second, over 8 minutes), oldest readings dropped first beyond it.
+MAX_UNSAVED = 100_000
+STORAGE_RETRY_S = 1.0  # how often a failed commit is tried again
+# SQLITE_FULL, SQLITE_IOERR (primary codes): space or the device may come back.
+_RETRYABLE_SQLITE = frozenset({13, 10})
 
 SCHEMA = storage.SCHEMA  # the tables, their version and migrations live in gateway/storage.py
+
+
+class OutboxFull(Exception):
+    """A record dropped from memory while storage was unusable and memory's bound was reached."""
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether a failed write may succeed later without anyone changing the gateway: a full disk or an I/O error."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in _RETRYABLE_SQLITE
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT)
+
+
+def storage_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +151,12 @@ class Outbox:
         self._stored = 0  # rows in the records table, so the bounds check needs no count(*) either
         self.committed = 0
         self.dropped = 0  # undelivered readings deleted to keep within bounds
+        # Why the last commit failed while storage is unusable (None: healthy), since when, and what waits in memory.
+        self.storage_error: str | None = None
+        self.storage_error_since: float | None = None
+        self.unsaved_dropped = 0  # readings lost because memory's bound was reached while storage was unusable
+        self._unsaved_new: list[dict[str, Any]] = []  # records to hand to live sinks before they are durable
+        self.unsaved_ready = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -165,6 +196,12 @@ class Outbox:
 
     async def close(self) -> None:
         await self.flush()
+        if self._pending:
+            log.error(
+                "outbox closed with %d records not saved (%s): they are lost with this process",
+                len(self._pending),
+                self.storage_error,
+            )
         if self._rdb is not None:
             await self._run_read(self._rdb.close)
             self._rdb = None
@@ -224,18 +261,63 @@ class Outbox:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((key, seq, record))
         self._pending_done.append(fut)
-        self._wake.set()
+        if self.storage_error is not None:
+            self._unsaved_new.append(record)
+            self.unsaved_ready.set()
+            self._bound_unsaved()
+        else:
+            self._wake.set()
         return fut
 
+    @property
+    def unsaved(self) -> int:
+        """Records waiting in memory for a commit (while storage is unusable: not yet durable)."""
+        return len(self._pending)
+
+    def take_unsaved(self) -> list[dict[str, Any]]:
+        """Records put since the last call while storage is unusable: for live sinks to send them before they are
+        durable (the wall and the alarms keep working); they are sent again, durable, once committed."""
+        taken, self._unsaved_new = self._unsaved_new, []
+        self.unsaved_ready.clear()
+        return taken
+
+    def _bound_unsaved(self) -> None:
+        over = len(self._pending) - MAX_UNSAVED
+        if over <= 0:
+            return
+        keep: list[int] = []
+        for i, (_, _, record) in enumerate(self._pending):
+            if over > 0 and record["type"] in ("reading", "waveform"):
+                over -= 1
+                fut = self._pending_done[i]
+                if not fut.done():
+                    fut.set_exception(OutboxFull("dropped: storage unusable and memory's bound reached"))
+                    fut.exception()
+                self.unsaved_dropped += 1
+            else:
+                keep.append(i)
+        self._pending = [self._pending[i] for i in keep]
+        self._pending_done = [self._pending_done[i] for i in keep]
+        if self.unsaved_dropped % 1000 == 1:
+            log.error(
+                "storage unusable and %d records in memory: %d oldest readings dropped so far",
+                MAX_UNSAVED,
+                self.unsaved_dropped,
+            )
+
     async def run_committer(self) -> None:
-        """Commit whatever is queued, one transaction at a time, until cancelled (then flush)."""
+        """Commit whatever is queued, one transaction at a time, until cancelled (then flush). While storage is
+        unusable (disk full, I/O error) the commit is retried every STORAGE_RETRY_S; records wait in memory."""
         try:
             while True:
-                # Acknowledged cursors ride along with the next commit; on a quiet line they are written on their
-                # own after CURSOR_SAVE_S (a transaction and an fsync each, so not once per acknowledgement).
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(CURSOR_SAVE_S):
-                        await self._wake.wait()
+                if self.storage_error is not None:
+                    await asyncio.sleep(STORAGE_RETRY_S)
+                else:
+                    # Acknowledged cursors ride along with the next commit; on a quiet line they are written on their
+                    # own after CURSOR_SAVE_S (a transaction and an fsync each, so not once per acknowledgement).
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(CURSOR_SAVE_S):
+                            await self._wake.wait()
                 self._wake.clear()
                 await self.flush()
         finally:
@@ -245,7 +327,12 @@ class Outbox:
         if not self._pending and not self._pending_state:
             if self._dirty:
                 cursors, self._dirty = self._dirty, {}
-                await self._run(self._cursors_sync, cursors)
+                try:
+                    await self._run(self._cursors_sync, cursors)
+                except Exception as exc:
+                    if not retryable(exc):
+                        raise
+                    self._keep_unsaved([], [], cursors, {}, exc)
             return
         batch, self._pending = self._pending, []
         done, self._pending_done = self._pending_done, []
@@ -254,11 +341,23 @@ class Outbox:
         try:
             last = await self._run(self._commit_sync, batch, cursors, state)
         except Exception as exc:
+            if retryable(exc):
+                self._keep_unsaved(batch, done, cursors, state, exc)
+                return
             for fut in done:
                 if not fut.done():
                     fut.set_exception(exc)
                     fut.exception()  # raised here, to whoever flushes: not again as "never retrieved" at exit
             raise
+        if self.storage_error is not None:
+            log.warning(
+                "outbox storage usable again after %.0f s: %d records waiting in memory committed",
+                time.time() - (self.storage_error_since or time.time()),
+                len(batch),
+            )
+            self.storage_error = self.storage_error_since = None
+            self._unsaved_new = []
+            self.unsaved_ready.clear()
         self.committed += len(batch)
         self._stored += len(batch)
         first = last - len(batch) + 1
@@ -269,6 +368,36 @@ class Outbox:
                 fut.set_result(None)
         for event in self._new.values():
             event.set()
+
+    def _keep_unsaved(
+        self,
+        batch: list[tuple[str, int, dict[str, Any]]],
+        done: list[asyncio.Future[None]],
+        cursors: dict[str, int],
+        state: dict[str, str],
+        exc: Exception,
+    ) -> None:
+        """A commit failed for want of space (or an I/O error): put everything back in front of what came since,
+        in order, to be committed when storage is back; meanwhile live sinks get the records undurable."""
+        self._pending = batch + self._pending
+        self._pending_done = done + self._pending_done
+        self._pending_state = {**state, **self._pending_state}
+        for sink, up_to in cursors.items():
+            self._dirty[sink] = max(up_to, self._dirty.get(sink, 0))
+        if self.storage_error is None:
+            self.storage_error = storage_reason(exc)
+            self.storage_error_since = time.time()
+            log.error(
+                "outbox %s cannot be written (%s): records wait in memory (up to %d) and go to MQTT undurable; "
+                "free space in %s",
+                self.path,
+                self.storage_error,
+                MAX_UNSAVED,
+                self.path.parent,
+            )
+            self._unsaved_new = [record for _, _, record in batch] + self._unsaved_new
+            self.unsaved_ready.set()
+        self._bound_unsaved()
 
     def _cursors_sync(self, cursors: dict[str, int]) -> None:
         self._save_cursors(self._conn, cursors)
@@ -432,6 +561,17 @@ class Outbox:
         Returns how many records were deleted in all.
         """
         await self.flush()  # cursors first: prune deletes what every sink has settled on disk
+        if self.storage_error is not None:
+            return 0  # nothing can be written; deleting needs the journal too
+        try:
+            return await self._prune(max_records, max_age_s)
+        except Exception as exc:
+            if not retryable(exc):
+                raise
+            log.warning("outbox prune skipped: %s", storage_reason(exc))
+            return 0
+
+    async def _prune(self, max_records: int | None, max_age_s: float | None) -> int:
         settled = 0
         while True:  # in chunks, each its own transaction, so live commits slip in between
             deleted: int = await self._run(self._prune_settled_sync, PRUNE_CHUNK)

@@ -8,6 +8,9 @@ The outbox itself is opened next, still before any port (Gateway.run); later fai
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import sqlite3
 import urllib.parse
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from gateway.config import Config, ConfigError, register_secret, resolve_secret
 
+log = logging.getLogger(__name__)
 EXIT_OK = 0  # stopped by SIGTERM / SIGINT, what was owed kept in the outbox
 EXIT_INTERNAL = 1  # a gateway task failed or ended (a bug): a restart resumes from the outbox
 EXIT_CONFIG = 2  # invalid config, an INFUSION_* variable, a secret that does not resolve: a restart will not help
@@ -58,6 +62,13 @@ def check_data_dir(data_dir: Path) -> None:
             os.fsync(handle.fileno())
         probe.unlink()
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) and (data_dir / OUTBOX_FILE).is_file():
+            # A full disk is a state the gateway runs through (records wait in memory, the storage alarm says so),
+            # not a reason to stop: an existing outbox opens without space.
+            log.error("gateway.data_dir %s is full (%s): starting with records in memory only", data_dir, exc.strerror)
+            return
         raise Fatal(
             EXIT_STORAGE,
             f"gateway.data_dir {data_dir} is not a writable directory ({exc.strerror or exc}) -> create it and give "

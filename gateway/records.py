@@ -7,7 +7,7 @@ tests validate real payloads against them); the hot path builds plain dicts for 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -27,6 +27,11 @@ def iso_utc(ts: float) -> str:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def iso_after(text: str) -> str:
+    """The `iso_utc` time one microsecond after `text`, exactly (no float rounding)."""
+    return (datetime.fromisoformat(text) + timedelta(microseconds=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_iso_ns(text: str) -> int:
@@ -57,6 +62,11 @@ class _Envelope(Origin):
     historical: bool = Field(
         False,
         description="true when sent later than the live window after it was received (replayed backlog)",
+    )
+    durable: bool = Field(
+        True,
+        description="false: sent while the gateway's storage is unusable (disk full), before it is committed; "
+        "the same id comes again once it is durable",
     )
 
 
@@ -192,6 +202,8 @@ class GatewayCounters(BaseModel):
     backlog_influx: int = 0
     rejected: int = 0
     dropped: int = 0
+    unsaved: int = Field(0, description="records waiting in memory because the outbox cannot be written (disk full)")
+    unsaved_dropped: int = Field(0, description="readings lost because that memory's bound was reached")
 
 
 class GatewayStatusMessage(BaseModel):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import tty
 import uuid
 from collections.abc import Iterator
@@ -68,3 +69,17 @@ def pty_pair(tmp_path: Path) -> Iterator[PtyPair]:
         for fd in (master, slave):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 8 MiB tmpfs at tmp_path/data (the gateway's data_dir in write_config), to fill and free."""
+    mount = tmp_path / "data"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a tmpfs: run the tests as root (CI does)", pytrace=False)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import os
 import select
@@ -111,3 +112,18 @@ database = "{db}"
 """
     )
     return path
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the file system refuses another byte."""
+    filler = directory / "filler"
+    with filler.open("wb", buffering=0) as handle:
+        for size in (65536, 4096, 512, 1):
+            while True:
+                try:
+                    handle.write(b"\0" * size)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+    return filler

@@ -109,11 +109,24 @@ async def wait_connected(mqtt: Mqtt, times: int) -> None:
     await wait_for(lambda: mqtt.connects >= times, 30)
 
 
+def _missing(expected: set[str], have: set[str]) -> str:
+    gone = sorted(expected - have)
+    shown = ", ".join(gone[:8]) + (" ..." if len(gone) > 8 else "")
+    return f"{len(gone)} of {len(expected)} readings missing (device times {shown})"
+
+
 async def assert_every_reading_delivered(device: Device, mqtt: Mqtt, influxd: Influxd, db: str) -> None:
+    """Every reading the device sent reaches MQTT and InfluxDB; on a timeout the failure names the missing ones."""
     expected = set(device.sent)
     assert len(expected) == len(device.sent)
-    await wait_for(lambda: expected <= mqtt.device_times(), 90)
-    await wait_for(lambda: {d for d, _ in stored(influxd, db)} >= expected, 90)
+    try:
+        await wait_for(lambda: expected <= mqtt.device_times(), 60)
+    except AssertionError:
+        raise AssertionError(f"MQTT: {_missing(expected, mqtt.device_times())}") from None
+    try:
+        await wait_for(lambda: {d for d, _ in stored(influxd, db)} >= expected, 60)
+    except AssertionError:
+        raise AssertionError(f"InfluxDB: {_missing(expected, {d for d, _ in stored(influxd, db)})}") from None
     rows = stored(influxd, db)
     assert len(rows) == len(expected), "every reading in InfluxDB exactly once"
     assert len({seq for _, seq in rows}) == len(rows)
