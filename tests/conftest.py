@@ -83,3 +83,24 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+# Fixtures that start or need a real service (broker, database, pseudo-terminal, file system): a test that uses one,
+# or lives in tests/integration, is an integration test; `pytest -m "not integration"` is the fast loop.
+SERVICE_FIXTURES = frozenset({"mosquitto", "influxd", "influx_db", "pty_pair", "small_fs"})
+SERVICE_MODULES = (
+    "test_serve.py",
+    "test_rooms.py",
+    "test_session.py",
+    "test_delivery.py",
+    "test_compose.py",
+    "test_dashboards.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(str(item.fspath))
+        uses = set(getattr(item, "fixturenames", ()))
+        if "integration" in path.parts or uses & SERVICE_FIXTURES or path.name in SERVICE_MODULES:
+            item.add_marker(pytest.mark.integration)
