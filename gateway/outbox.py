@@ -164,6 +164,9 @@ class Outbox:
         await self._run(self._open_sync)
         self._rdb = await self._run_read(sqlite3.connect, self.path, 5.0, 0, None, False)
         self._seq = await self._run(lambda: dict(self._conn.execute("SELECT key, seq FROM sequences").fetchall()))
+        if self.storage is not None:  # continued after their marks, even where the outbox could not take the write
+            for key, seq in self.storage.sequences_from_marks.items():
+                self._seq[key] = max(seq, self._seq.get(key, 0))
         self._cursors = await self._run(
             lambda: dict(self._conn.execute("SELECT sink, last_id FROM cursors").fetchall())
         )
@@ -233,8 +236,9 @@ class Outbox:
         """Sequence numbers continue across restarts, so ids stay unique and readings can be counted."""
         seq = self._seq.get(key, 0) + 1
         self._seq[key] = seq
-        if self._marks is not None and self._marks.due(key, seq):
-            # A new reservation, written on the writer thread ahead of the commit that carries this number.
+        # A new reservation, written on the writer thread ahead of the commit that carries this number; and whether
+        # numbers go out before their commit (storage unusable: records reach live sinks undurable).
+        if self._marks is not None and self._marks.due(key, seq, self.storage_error is not None):
             self._pool.submit(self._marks.save)
         return seq
 

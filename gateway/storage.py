@@ -17,6 +17,7 @@ before its first commit lives here, at start-up, on the outbox's writer thread:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
@@ -110,15 +111,17 @@ def secure(path: Path) -> list[str]:
             except OSError as exc:
                 log.error("outbox directory %s is %03o and cannot be made %03o: %s", folder, mode, DIR_MODE, exc)
     for entry in folder.iterdir():
-        if not _belongs(path, entry.name) or not entry.is_file() or entry.is_symlink():
+        if not _belongs(path, entry.name) or entry.is_symlink() or not entry.is_file():
             continue
-        mode = stat.S_IMODE(entry.stat().st_mode)
-        if mode != FILE_MODE:
-            try:
+        try:
+            mode = stat.S_IMODE(entry.stat().st_mode)
+            if mode != FILE_MODE:
                 os.chmod(entry, FILE_MODE)
                 fixed.append(f"{entry.name} {mode:03o} -> {FILE_MODE:03o}")
-            except OSError as exc:
-                log.error("outbox file %s is %03o and cannot be made %03o: %s", entry, mode, FILE_MODE, exc)
+        except FileNotFoundError:
+            continue  # gone meanwhile (SQLite's -shm, a probe)
+        except OSError as exc:
+            log.error("outbox file %s cannot be made %03o: %s", entry, FILE_MODE, exc)
     if fixed:
         log.warning("outbox files were open to other users (vital signs): made owner-only: %s", "; ".join(fixed))
     return fixed
@@ -157,13 +160,18 @@ class SequenceMarks:
     """Per key, a sequence number no record has gone past: `reserved`, kept ahead of use by LEASE.
 
     The file has two fixed slots written in turn in place (each with a counter and a CRC): a torn write spoils
-    only the slot being written, and a write needs no free blocks, so marks keep moving on a full disk too."""
+    only the slot being written, and a write needs no free blocks, so marks keep moving on a full disk too.
+
+    `undurable` says numbers may have reached a sink before their commit (the outbox cannot write, and live records
+    go out anyway): after a crash in that state the outbox's own numbers are behind what was sent, so the next start
+    continues after the marks, as for a lost outbox."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.reserved: dict[str, int] = {}
         self.saved: dict[str, int] = {}  # what the file holds
         self.found = False  # the file existed with a readable slot
+        self.undurable = False
         self._counter = 0
         self._slot = _MARKS_SLOT
         self._saving = False  # a save is queued or under way
@@ -177,7 +185,7 @@ class SequenceMarks:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return False
-        best: tuple[int, dict[str, int]] | None = None
+        best: tuple[int, dict[str, int], bool] | None = None
         slot = max(len(data) // 2, 1)
         for start in (0, slot):
             try:
@@ -185,26 +193,31 @@ class SequenceMarks:
                 body = data[start + _MARKS_HEAD.size : start + _MARKS_HEAD.size + length]
                 if magic != _MARKS_MAGIC or len(body) != length or zlib.crc32(body) != crc:
                     continue
-                reserved = {str(k): int(v) for k, v in json.loads(body)["reserved"].items()}
+                content = json.loads(body)
+                reserved = {str(k): int(v) for k, v in content["reserved"].items()}
+                undurable = bool(content.get("undurable", False))
             except (struct.error, ValueError, KeyError, TypeError, AttributeError):
                 continue
             if best is None or counter > best[0]:
-                best = (counter, reserved)
+                best = (counter, reserved, undurable)
         if best is None:
             log.error("sequence marks %s are unreadable: sequence numbers continue from the outbox only", self.path)
             return False
-        self._counter, self.reserved, self.saved, self._slot, self.found = best[0], best[1], dict(best[1]), slot, True
+        self._counter, self.reserved, self.undurable = best
+        self.saved, self._slot, self.found = dict(self.reserved), slot, True
         return True
 
     def reserve(self, seqs: dict[str, int]) -> None:
         for key, seq in seqs.items():
             self.reserved[key] = max(self.reserved.get(key, 0), seq + LEASE)
 
-    def due(self, key: str, seq: int) -> bool:
+    def due(self, key: str, seq: int, undurable: bool = False) -> bool:
         """Called for every number given (on the event loop, so cheap): whether a save should be queued now,
-        because `seq` has used half of what the file holds for `key`. A number given while a save is under way
-        makes that save write again when it is done."""
-        if seq <= self.saved.get(key, 0) - LEASE // 2:
+        because `seq` has used half of what the file holds for `key`, or `undurable` changed. A number given while
+        a save is under way makes that save write again when it is done."""
+        if undurable != self.undurable:
+            self.undurable = undurable
+        elif seq <= self.saved.get(key, 0) - LEASE // 2:
             return False
         if seq + LEASE // 2 > self.reserved.get(key, 0):
             self.reserved[key] = seq + LEASE
@@ -237,7 +250,7 @@ class SequenceMarks:
             log.error("sequence marks %s not written (%s): retried in 5 s", self.path, exc.strerror or exc)
 
     def _write(self, reserved: dict[str, int]) -> None:
-        body = json.dumps({"reserved": reserved}, separators=(",", ":")).encode()
+        body = json.dumps({"reserved": reserved, "undurable": self.undurable}, separators=(",", ":")).encode()
         record = _MARKS_HEAD.pack(_MARKS_MAGIC, self._counter + 1, len(body), zlib.crc32(body)) + body
         if len(record) > self._slot or not self.path.exists():
             self._create(max(self._slot, 1 << (2 * len(record) - 1).bit_length()))
@@ -261,7 +274,9 @@ class SequenceMarks:
             os.fchmod(fd, FILE_MODE)
             os.write(fd, bytes(2 * slot))
             if self.saved:
-                body = json.dumps({"reserved": self.saved}, separators=(",", ":")).encode()
+                # What the file held, as the fallback should the first write into the new file be torn (then as if
+                # numbers had gone out undurable: the next start jumps, the safe side).
+                body = json.dumps({"reserved": self.saved, "undurable": True}, separators=(",", ":")).encode()
                 os.pwrite(fd, _MARKS_HEAD.pack(_MARKS_MAGIC, 0, len(body), zlib.crc32(body)) + body, 0)
             os.fsync(fd)
         finally:
@@ -364,7 +379,8 @@ def open_outbox(path: Path, sinks: tuple[str, ...]) -> tuple[sqlite3.Connection,
         db = connect(path)
     assert db is not None
     try:
-        _continue_sequences(db, path, marks, report, lost=report.damage is not None or (not existed and marks.found))
+        lost = report.damage is not None or (not existed and marks.found) or marks.undurable
+        _continue_sequences(db, path, marks, report, lost)
         db.executemany("INSERT OR IGNORE INTO cursors(sink, last_id) VALUES (?, 0)", [(s,) for s in sinks])
     except BaseException:
         db.close()
@@ -385,17 +401,17 @@ def _continue_sequences(
         if (lost and reserved > known) or known < reserved - 2 * LEASE:
             ahead[key] = reserved
     if ahead:
-        db.execute("BEGIN IMMEDIATE")
+        # Into the outbox now if it takes a write (on a full disk it does not: the Outbox starts from
+        # report.sequences_from_marks, and its first commit of each key writes them).
         try:
-            db.executemany(
-                "INSERT INTO sequences(key, seq) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET seq = excluded.seq",
-                list(ahead.items()),
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany(
+                    "INSERT INTO sequences(key, seq) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET seq = excluded.seq",
+                    list(ahead.items()),
+                )
+        except sqlite3.OperationalError as exc:
+            log.error("outbox %s: the continued sequence numbers are not saved yet (%s)", path, exc)
         seqs.update(ahead)
         report.sequences_from_marks = ahead
         log.warning(
@@ -404,6 +420,7 @@ def _continue_sequences(
             "was lost" if lost else "is older than its sequence marks",
             len(ahead),
         )
+    marks.undurable = False  # what the file says of the last run has been acted on
     marks.reserve(seqs)
     marks.save()
 
@@ -505,10 +522,10 @@ def _recommit(db: sqlite3.Connection, carved: Carved, sinks: tuple[str, ...]) ->
             "INSERT INTO records(key, seq, type, body, created) VALUES (?, ?, ?, ?, ?)",
             [(key, seq, kind, _text_or_blob(body), created) for _o, key, seq, kind, body, created in rows],
         )
-        old_ids = [r[0] for r in rows]
+        old_ids = [r[0] for r in rows]  # sorted: a cursor's new value is how many salvaged records it had passed
         db.executemany(
             "INSERT INTO cursors(sink, last_id) VALUES (?, ?)",
-            [(s, sum(1 for i in old_ids if i <= known[s]) if s in known else 0) for s in sinks],
+            [(s, bisect.bisect_right(old_ids, known[s]) if s in known else 0) for s in sinks],
         )
         db.executemany("INSERT INTO sequences(key, seq) VALUES (?, ?)", list(seqs.items()))
         db.executemany("INSERT INTO state(name, body) VALUES (?, ?)", list(carved.state.items()))
