@@ -110,26 +110,39 @@ class ContecDriver(FramedDriver):
             return KEEPALIVE
         return b""
 
-    def _decode(self, buf: bytes, now: float) -> tuple[int, list[Event]]:
-        start = 0
-        while start < len(buf) and not (buf[start] == REALTIME and (len(buf) - start < 2 or buf[start + 1] & 0x80)):
-            start += 1
-        if len(buf) - start < 2:
-            # A run of noise is reported whole once a packet start follows (or at flush); a 0x01 as the last byte
-            # may be one or may be noise, which only the next byte tells: wait for it, whatever the split.
-            return 0, []
-        if start:
-            return start, [ProtocolError(ErrorKind.RESYNC, "bytes before a real-time packet", buf[:start])]
-        if len(buf) < PACKET:
-            return 0, []
-        wire = buf[:PACKET]
+    def _decode(self, buf: bytes, pos: int, now: float) -> tuple[int, list[Event]]:
+        start = self._find_start(buf, pos, min(len(buf), pos + self.max_buffer - len(self._held)))
+        if start > pos:
+            # A run of noise is reported whole once a packet start follows (or at flush, or in pieces of
+            # max_buffer bytes); it is held outside the buffer, so no later read looks at it again.
+            return start - pos, self._hold(buf[pos:start])
+        if len(buf) - pos < 2:
+            return 0, []  # a 0x01 as the last byte may be a start or noise: only the next byte tells
+        events = self._release("bytes before a real-time packet")
+        if len(buf) - pos < PACKET:
+            self._need = PACKET
+            return 0, events
+        wire = buf[pos : pos + PACKET]
         if not all(b & 0x80 for b in wire[1:]):
-            return 1, [ProtocolError(ErrorKind.RESYNC, "bit-7 pattern broken inside a packet", buf[:1])]
+            return 1, [*events, ProtocolError(ErrorKind.RESYNC, "bit-7 pattern broken inside a packet", wire[:1])]
         data = restore(wire)
-        events = self._packet(data, wire)
+        events += self._packet(data, wire)
         if any(isinstance(e, Reading) for e in events):
             self._last_packet = now
         return PACKET, events
+
+    def _find_start(self, buf: bytes, pos: int, end: int) -> int:
+        """The first offset in [pos, end) where a packet may start (0x01, then a byte with bit 7 set or nothing
+        yet), or `end`. A C-level search: noise costs one pass, whatever the read size."""
+        i = pos
+        while (i := buf.find(REALTIME, i, end)) >= 0:
+            if i + 1 == len(buf) or buf[i + 1] & 0x80:
+                break
+            i += 1
+        else:
+            i = end
+        self.examined += i - pos
+        return i
 
     def _packet(self, data: bytes, wire: bytes) -> list[Event]:
         probe_error = bool(data[2] & 0x80)

@@ -24,7 +24,8 @@ Decoding rules, which keep garbage from ever becoming a reading (there is no che
   Uniform noise cannot pass: the start alone (12 digits and 6 separators in place) fits under 1 line start in 10^31,
   and 100 MB of it made no reading (tests/devices/test_noise.py), so nothing beyond the rules above is needed.
 - anything else (a partial first line after opening the port, the TrendCom trend format, noise) is one
-  ProtocolError per line. A line with no LF within MAX_LINE bytes is an overflow.
+  ProtocolError per line. A line with no LF within MAX_LINE bytes is an overflow; the rest of it, up to its LF,
+  is one resync error when the LF comes (so lines after it in the same read are still read).
 """
 
 from __future__ import annotations
@@ -236,18 +237,41 @@ class MasimoAscii1Driver(FramedDriver):
     def __init__(self) -> None:
         super().__init__()
         self._status: DeviceStatus | None = None
+        self._overlong = False  # inside a line that overflowed: bytes up to its LF are held, then reported
 
     def reset(self) -> None:
         super().reset()
         self._status = None  # the first record after a reconnect announces the status again
+        self._overlong = False
 
-    def _decode(self, buf: bytes, now: float) -> tuple[int, list[Event]]:
-        end = buf.find(b"\n", 0, MAX_LINE + 2)
+    def flush(self) -> list[Event]:
+        self._overlong = False
+        return super().flush()
+
+    def _rest_of_overlong(self, buf: bytes, pos: int) -> tuple[int, list[Event]]:
+        """Bytes up to the LF of a line that overflowed: held, and reported as one error when the LF comes."""
+        limit = min(len(buf), pos + self.max_buffer - len(self._held))
+        end = buf.find(b"\n", pos, limit)
+        self.examined += (limit if end < 0 else end) - pos
         if end < 0:
-            if len(buf) > MAX_LINE + 1:
-                return len(buf), [ProtocolError(ErrorKind.OVERFLOW, f"no line end within {MAX_LINE} bytes", buf)]
+            return limit - pos, self._hold(buf[pos:limit])
+        self._overlong = False
+        held = self._hold(buf[pos : end + 1])
+        return end + 1 - pos, held + self._release(f"rest of a line longer than {MAX_LINE} bytes")
+
+    def _decode(self, buf: bytes, pos: int, now: float) -> tuple[int, list[Event]]:
+        if self._overlong:
+            return self._rest_of_overlong(buf, pos)
+        end = buf.find(b"\n", pos, pos + MAX_LINE + 2)
+        self.examined += (min(len(buf), pos + MAX_LINE + 2) if end < 0 else end) - pos
+        if end < 0:
+            if len(buf) - pos > MAX_LINE + 1:
+                self._overlong = True
+                cut = buf[pos : pos + MAX_LINE + 2]
+                return len(cut), [ProtocolError(ErrorKind.OVERFLOW, f"no line end within {MAX_LINE} bytes", cut)]
+            self._need, self._until = MAX_LINE + 2, ord("\n")  # not called again until a LF or an overflow
             return 0, []
-        raw = buf[: end + 1]
+        raw = buf[pos : end + 1]
         line = raw.rstrip(b"\r\n")
         if not line.strip(b"\r"):
             return len(raw), []  # blank lines between records (a tty's CR->NL mapping makes them)

@@ -308,11 +308,11 @@ class _NoninDriver(FramedDriver):
         self._run.clear()
         return [error]
 
-    def _scan(self, buf: bytes, now: float) -> int:
-        """How many leading bytes cannot start a record (stopping at RUN_CAP for the run)."""
+    def _scan(self, buf: bytes, pos: int, now: float) -> int:
+        """How many bytes from `pos` on cannot start a record (stopping at RUN_CAP for the run)."""
         awaiting = self._awaiting_reply(now)
-        limit = min(len(buf), RUN_CAP - len(self._run))
-        i = 0
+        limit = min(len(buf), pos + RUN_CAP - len(self._run))
+        i = pos
         while i < limit:
             if awaiting and buf[i] in (ACK, NAK):
                 break
@@ -320,16 +320,17 @@ class _NoninDriver(FramedDriver):
             if fit is _Fit.SHORT or (fit is _Fit.OK and self._starts_record(buf, i)):
                 break
             i += 1
-        return i
+        self.examined += i - pos
+        return i - pos
 
-    def _skip_scanned(self, buf: bytes, n: int, reason: str) -> tuple[int, list[Event]]:
-        first = self._fit(buf, 0)
+    def _skip_scanned(self, buf: bytes, pos: int, n: int, reason: str) -> tuple[int, list[Event]]:
+        first = self._fit(buf, pos)
         kind = {_Fit.CHECKSUM: ErrorKind.BAD_CHECKSUM, _Fit.RANGE: ErrorKind.OUT_OF_RANGE}.get(first, ErrorKind.RESYNC)
         detail = {
             _Fit.CHECKSUM: "bad checksum",
             _Fit.RANGE: "implausible values",
         }.get(first, reason)
-        return n, self._skip(buf[:n], kind, detail)
+        return n, self._skip(buf[pos : pos + n], kind, detail)
 
     def _emit(self, flags: list[str], code: int, metrics: dict[str, float], raw: bytes) -> list[Event]:
         if not metrics and not {"no_sensor", "probe_off", "out_of_track"} & set(flags):
@@ -377,16 +378,16 @@ class _PacketDriver(_NoninDriver):
     def _starts_record(self, buf: bytes, i: int) -> bool:
         return bool(buf[i + self.status_at] & ST_SYNC)
 
-    def _decode(self, buf: bytes, now: float) -> tuple[int, list[Event]]:
-        if buf[0] in (ACK, NAK) and self._awaiting_reply(now):
-            return 1, self._take_reply(buf[0])
+    def _decode(self, buf: bytes, pos: int, now: float) -> tuple[int, list[Event]]:
+        if buf[pos] in (ACK, NAK) and self._awaiting_reply(now):
+            return 1, self._take_reply(buf[pos])
         events: list[Event] = []
         if self._locked:
-            fit = self._fit(buf, 0)
+            fit = self._fit(buf, pos)
             if fit is _Fit.SHORT:
                 return 0, []
             if fit is _Fit.OK:
-                frame = buf[:FRAME_LEN]
+                frame = buf[pos : pos + FRAME_LEN]
                 sync = bool(frame[self.status_at] & ST_SYNC)
                 if sync and self._frames:
                     events.append(
@@ -412,14 +413,14 @@ class _PacketDriver(_NoninDriver):
             self._locked = False
             events += self._skip(b"".join(self._frames), kind, reason)
             self._frames = []
-        n = self._scan(buf, now)
+        n = self._scan(buf, pos, now)
         if n:
-            consumed, skipped = self._skip_scanned(buf, n, "no frame with SYNC (header and checksum)")
+            consumed, skipped = self._skip_scanned(buf, pos, n, "no frame with SYNC (header and checksum)")
             return consumed, events + skipped
-        if self._fit(buf, 0) is not _Fit.OK:
+        if self._fit(buf, pos) is not _Fit.OK:
             return 0, events  # SHORT, or a reply byte that _decode takes on its next call
         self._locked = True
-        self._frames = [buf[:FRAME_LEN]]
+        self._frames = [buf[pos : pos + FRAME_LEN]]
         return FRAME_LEN, [*events, *self._end_run()]
 
     def _packet(self, frames: list[bytes]) -> list[Event]:
@@ -531,13 +532,14 @@ class NoninDF8Driver(_NoninDriver):
         self._refs: list[tuple[bytes, float]] = []
         self._since = 0  # bytes skipped since the last accepted record (or the start): 0 after a record is lock
         self._now = 0.0
+        self._origin = 0  # where the current _decode call starts in its buffer: offsets are counted from there
 
     def reset(self) -> None:
         super().reset()
         self._refs, self._since = [], 0
 
     def _sync(self, i: int) -> _Sync:
-        before = self._since + i
+        before = self._since + i - self._origin
         if before == 0 and self._refs:
             return _Sync.LOCKED
         return _Sync.QUICK if before <= QUICK_RESYNC_BYTES else _Sync.LOCK_IN
@@ -587,40 +589,44 @@ class NoninDF8Driver(_NoninDriver):
         self._refs = [*self._refs[-1:], (rec, now)]
         self._since = 0
 
-    def _scan(self, buf: bytes, now: float) -> int:
+    def _scan(self, buf: bytes, pos: int, now: float) -> int:
         """_NoninDriver._scan, jumping straight to the offsets that fit the bit-7 pattern (1 in 16 of noise):
-        every other offset fails every check at its first byte."""
+        every other offset fails every check at its first byte. The search ends DF8_LEN - 1 bytes past `limit`
+        (a candidate before `limit` is whole there, and the pattern's end-of-input branch cannot match before it),
+        so a large read is searched once, not to its end once per RUN_CAP piece."""
         candidate = DF8_CANDIDATE_OR_REPLY if self._awaiting_reply(now) else DF8_CANDIDATE
-        limit = min(len(buf), RUN_CAP - len(self._run))
-        i = 0
-        while (m := candidate.search(buf, i)) is not None and m.start() < limit:
+        limit = min(len(buf), pos + RUN_CAP - len(self._run))
+        stop = min(len(buf), limit + DF8_LEN - 1)
+        i = pos
+        while (m := candidate.search(buf, i, stop)) is not None and m.start() < limit:
             i = m.start()
-            if buf[i] in (ACK, NAK):
-                return i
-            if self._fit(buf, i) in (_Fit.SHORT, _Fit.OK):
-                return i
+            if buf[i] in (ACK, NAK) or self._fit(buf, i) in (_Fit.SHORT, _Fit.OK):
+                self.examined += i - pos
+                return i - pos
             i += 1
-        return limit
+        self.examined += stop - pos
+        return limit - pos
 
     def _skip(self, data: bytes, kind: ErrorKind, reason: str) -> list[Event]:
         self._since += len(data)
         return super()._skip(data, kind, reason)
 
-    def _decode(self, buf: bytes, now: float) -> tuple[int, list[Event]]:
-        self._now = now
-        if buf[0] in (ACK, NAK) and self._awaiting_reply(now):
-            return 1, self._take_reply(buf[0])
-        fit = self._fit(buf, 0)
+    def _decode(self, buf: bytes, pos: int, now: float) -> tuple[int, list[Event]]:
+        self._now, self._origin = now, pos
+        if buf[pos] in (ACK, NAK) and self._awaiting_reply(now):
+            return 1, self._take_reply(buf[pos])
+        fit = self._fit(buf, pos)
         if fit is _Fit.SHORT:
             return 0, []
         if fit is not _Fit.OK:
-            n = self._scan(buf, now)
+            n = self._scan(buf, pos, now)
             if n:
-                return self._skip_scanned(buf, n, "no DF8 record (bit-7 pattern, or not borne out by its neighbours)")
-            if self._fit(buf, 0) is not _Fit.OK:
+                reason = "no DF8 record (bit-7 pattern, or not borne out by its neighbours)"
+                return self._skip_scanned(buf, pos, n, reason)
+            if self._fit(buf, pos) is not _Fit.OK:
                 return 0, []
-        if self._sync(0) is _Sync.LOCK_IN:
-            held = buf[: (LOCK_IN_RECORDS - 1) * DF8_LEN]
+        if self._sync(pos) is _Sync.LOCK_IN:
+            held = buf[pos : pos + (LOCK_IN_RECORDS - 1) * DF8_LEN]
             events = self._end_run()
             events.append(
                 ProtocolError(
@@ -633,7 +639,7 @@ class NoninDF8Driver(_NoninDriver):
             self._refs = []
             self._accept(held[-DF8_LEN:], now)
             return len(held), events
-        s1, hr_lsb, spo2, s2 = rec = buf[:DF8_LEN]
+        s1, hr_lsb, spo2, s2 = rec = buf[pos : pos + DF8_LEN]
         self._accept(rec, now)
         flags: list[str] = []
         for byte, bit, flag in (

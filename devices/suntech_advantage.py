@@ -175,23 +175,31 @@ class SuntechDriver(FramedDriver):
         events, self._pending_events = self._pending_events, []
         return events
 
-    def _decode(self, buf: bytes, now: float) -> tuple[int, list[Event]]:
-        if buf[0] != START:
-            skip = buf.find(bytes([START]))
-            if skip < 0:
-                return 0, []  # the run of noise is reported whole once a packet start follows (or at flush)
-            return skip, [ProtocolError(ErrorKind.RESYNC, "bytes before a packet start", buf[:skip])]
-        if len(buf) < 2:
-            return 0, []
-        length = buf[1]
+    def _decode(self, buf: bytes, pos: int, now: float) -> tuple[int, list[Event]]:
+        if buf[pos] != START:
+            # A run of noise is reported whole once a packet start follows (or at flush, or in pieces of
+            # max_buffer bytes); it is held outside the buffer, so no later read looks at it again.
+            end = min(len(buf), pos + self.max_buffer - len(self._held))
+            skip = buf.find(START, pos, end)
+            skip = end if skip < 0 else skip
+            self.examined += skip - pos
+            return skip - pos, self._hold(buf[pos:skip])
+        events = self._release("bytes before a packet start")
+        if len(buf) - pos < 2:
+            return 0, events
+        length = buf[pos + 1]
         if not 4 <= length <= MAX_LEN:
-            return 1, [ProtocolError(ErrorKind.RESYNC, f"impossible packet length {length}", buf[:1])]
-        if len(buf) < length:
-            return 0, []
-        packet = buf[:length]
+            return 1, [
+                *events,
+                ProtocolError(ErrorKind.RESYNC, f"impossible packet length {length}", buf[pos : pos + 1]),
+            ]
+        if len(buf) - pos < length:
+            self._need = length
+            return 0, events
+        packet = buf[pos : pos + length]
         if sum(packet) & 0xFF:
-            return 1, [ProtocolError(ErrorKind.BAD_CHECKSUM, "packet checksum does not sum to 0", buf[:1])]
-        return length, self._packet(packet, now)
+            return 1, [*events, ProtocolError(ErrorKind.BAD_CHECKSUM, "packet checksum does not sum to 0", packet[:1])]
+        return length, [*events, *self._packet(packet, now)]
 
     def _packet(self, packet: bytes, now: float) -> list[Event]:
         data = packet[2:-1]
