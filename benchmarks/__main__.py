@@ -48,6 +48,8 @@ def main() -> None:
     results["decode"] = decode.run()
     for row in results["decode"]:
         print(f"  {row['model']:20} {row['frames_per_s']:>9} frames/s {row['mb_per_s']:>6} MB/s")
+    print("decoding cost: CPU s per MB (bytes examined per byte fed), 1-byte and 4 KiB reads")
+    print("  " + decode.table(results["decode"]).replace("\n", "\n  "))
 
     print("raw limits")
     results["limits"] = lim = asyncio.run(limits.measure(_tmp()))

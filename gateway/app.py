@@ -369,5 +369,14 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*workers, committer, return_exceptions=True)
         backlog = await self.outbox.backlog()
+        unsaved, reason = self.outbox.unsaved, self.outbox.storage_error
         await self.outbox.close()
         log.info("gateway stopped; still owed (kept in the outbox): %s", backlog)
+        if unsaved:  # stopped while the disk was full: what waited in memory is gone, and that must not read as fine
+            from gateway.preflight import EXIT_STORAGE, Fatal
+
+            raise Fatal(
+                EXIT_STORAGE,
+                f"{unsaved} records could not be saved before the stop ({reason}) -> free space in "
+                f"{self.outbox.path.parent}",
+            )

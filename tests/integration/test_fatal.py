@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.localservices import find_free_port
@@ -118,26 +119,73 @@ def test_an_outbox_that_cannot_be_opened_exits_3(tmp_path: Path) -> None:
     assert "health endpoint on" not in out.stderr
 
 
+def _start_limited(config: Path, fsize: int, log: Path) -> subprocess.Popen[bytes]:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=limit,
+    )
+
+
+def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.1)
+
+
 def test_a_disk_error_at_start_is_not_mistaken_for_corruption(tmp_path: Path) -> None:
     """A write error opening the outbox used to move the whole outbox aside as "corrupt" (what was owed left
-    behind in a file nobody delivers) and then crash with a traceback."""
+    behind in a file nobody delivers) and then crash with a traceback. Now: either a named storage exit at start,
+    or the storage state (records in memory) until stopped, then a named storage exit; never moved aside."""
     data = tmp_path / "data"
-    out = _run("run", "--config", str(_config(tmp_path, data_dir=data)), fsize=64 * 1024)
-    assert out.returncode == EXIT_STORAGE, out.stderr
-    assert "outbox" in _fatal_line(out.stderr)
+    log = tmp_path / "gateway.log"
+    proc = _start_limited(_config(tmp_path, data_dir=data), 64 * 1024, log)
+    try:
+        _until(lambda: proc.poll() is not None or "cannot be written" in log.read_text(), 30, "exit or storage state")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    out = log.read_text()
+    assert proc.returncode == EXIT_STORAGE, out[-3000:]
+    assert "outbox" in _fatal_line(out) or "records could not be saved" in _fatal_line(out)
     assert not list(data.glob("*.corrupt-*")), "a disk error moved the outbox aside"
 
 
-def test_an_outbox_write_failure_while_running_exits_3(tmp_path: Path) -> None:
-    """The disk fills while the gateway runs (RLIMIT_FSIZE: SQLite's writes fail with EFBIG, as on a full disk).
-    It exited 0 after `task status failed: OperationalError('cannot rollback - no transaction is active')`."""
-    t0 = time.monotonic()
-    out = _run("run", "--config", str(_config(tmp_path)), fsize=256 * 1024, timeout=90)
-    assert out.returncode == EXIT_STORAGE, out.stderr[-3000:]
-    line = _fatal_line(out.stderr)
-    assert "outbox" in line and "disk" in line and "->" in line
-    assert "cannot rollback" not in out.stderr
-    assert time.monotonic() - t0 < 60
+def test_a_write_limit_while_running_is_the_storage_state_not_an_exit(tmp_path: Path) -> None:
+    """The disk fills while the gateway runs (RLIMIT_FSIZE: SQLite's writes fail as on a full disk). It exited 0
+    after `task status failed: OperationalError('cannot rollback - no transaction is active')`. Now it keeps
+    running in the storage state (/health: storage down), and a stop that loses what waited in memory exits 3."""
+    health_port = find_free_port()
+    log = tmp_path / "gateway.log"
+    proc = _start_limited(_config(tmp_path, health_port=health_port), 256 * 1024, log)
+    try:
+        _until(lambda: _storage(health_port) == "down" or proc.poll() is not None, 60, "storage reported down")
+        assert proc.poll() is None, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    out = log.read_text()
+    assert "cannot rollback" not in out
+    assert proc.returncode == EXIT_STORAGE, out[-3000:]
+    assert "records could not be saved" in _fatal_line(out)
+
+
+def _storage(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            links = json.loads(response.read()).get("links", {})
+            return None if links.get("storage") is None else str(links["storage"])
+    except OSError:
+        return None
 
 
 def test_credentials_in_the_influx_url_and_secrets_never_reach_any_output(tmp_path: Path) -> None:
