@@ -35,7 +35,7 @@ from gateway.records import (
 from gateway.session import DeviceSession
 from gateway.sinks import SinkUnavailable
 from gateway.sinks.influx import InfluxSink
-from gateway.sinks.mqtt import MqttSink
+from gateway.sinks.mqtt import MqttSink, RetainedState
 
 log = logging.getLogger(__name__)
 CLOCK_CHECK_S = 60.0
@@ -57,10 +57,19 @@ class Gateway:
         self.outbox = Outbox(g.data_dir / "outbox.sqlite3", sinks=("mqtt", "influx"))
         self.sessions = [DeviceSession(d, self._emit) for d in cfg.devices]
         self._origins = {s.key: origin_for(g.site, s.cfg.room, s.cfg.name, s.spec) for s in self.sessions}
+        # Retained topics outlive each connection (and, through the outbox, a restart): put back after every connect.
+        self.retained = RetainedState(on_change=self._retained_changed)
+        self._retained_save: asyncio.TimerHandle | None = None
         self.mqtt = SinkWorker(
             self.outbox,
             lambda: MqttSink(
-                cfg.mqtt, g.site, g.id, g.live_window_s, on_command=self._command, commands=self.router.subscriptions
+                cfg.mqtt,
+                g.site,
+                g.id,
+                g.live_window_s,
+                on_command=self._command,
+                commands=self.router.subscriptions,
+                retained=self.retained,
             ),
             "mqtt",
             batch_size=20,  # small, and the replay paced to half the loop's time: live data first
@@ -182,6 +191,17 @@ class Gateway:
     def end_standby(self, room: str, role: str | None) -> None:
         self._alarm_events(self.alarms.end_standby(room, role, time.time()))
 
+    def _retained_changed(self) -> None:
+        """Save the retained topics with the next commit, at most once a second (a burst of status changes is one
+        write)."""
+        if self._retained_save is None:
+
+            def save() -> None:
+                self._retained_save = None
+                self.outbox.put_state("retained", self.retained.snapshot())
+
+            self._retained_save = asyncio.get_running_loop().call_later(1.0, save)
+
     async def restore_state(self) -> None:
         """The state of the last run (a clean stop or a crash): the command ids already handled (a repeat is not
         run again), and the alarm state: acknowledged, silenced, latched alarms, sessions and standby carry on;
@@ -192,6 +212,12 @@ class Gateway:
                 self.router.ledger.restore(ledger, time.time())
             except (ValueError, TypeError) as exc:
                 log.error("command ids of the last run are unreadable (%s): repeats within the window may run", exc)
+        retained = await self.outbox.load_state("retained")
+        if retained is not None:
+            try:
+                self.retained.restore(retained)
+            except (ValueError, TypeError, AttributeError) as exc:
+                log.error("retained topics of the last run are unreadable (%s): they return as devices report", exc)
         snapshot = await self.outbox.load_state("alarms")
         if snapshot is None:
             return
@@ -358,6 +384,10 @@ class Gateway:
         for task in others:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
+        if self._retained_save is not None:  # a change of the last second: saved now, not lost with the timer
+            self._retained_save.cancel()
+            self._retained_save = None
+            self.outbox.put_state("retained", self.retained.snapshot())
         await self.outbox.flush()
         deadline = time.monotonic() + self.cfg.gateway.shutdown_timeout_s
         while time.monotonic() < deadline:

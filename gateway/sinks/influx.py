@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from typing import Any, Self
 
 import aiohttp
@@ -28,6 +29,8 @@ from gateway.sinks import ACCEPTED, Outcome, SinkUnavailable, WriteResult
 log = logging.getLogger(__name__)
 
 TAGS = ("site", "room", "device", "model")
+PING_TIMEOUT_S = 2.0
+WATCH_S = 1.0  # how often an idle link is checked
 
 
 def to_point(record: dict[str, Any]) -> Point | None:
@@ -121,6 +124,8 @@ class InfluxSink:
         self.where = redact(cfg.url)  # for messages and logs: never the URL's user:password
         self._v2: InfluxDBClientAsync | None = None
         self._http: aiohttp.ClientSession | None = None
+        self._probe: aiohttp.ClientSession | None = None
+        self._answered = 0.0  # monotonic time the server last answered (a ping or a write)
         self.written = 0
 
     async def __aenter__(self) -> Self:
@@ -146,9 +151,44 @@ class InfluxSink:
                 timeout=aiohttp.ClientTimeout(total=cfg.timeout_s),
                 connector=aiohttp.TCPConnector(ssl=ssl_ctx) if ssl_ctx else None,
             )
+        ssl_ctx = ssl.create_default_context(cafile=str(cfg.ca_file)) if cfg.ca_file else None
+        self._probe = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=min(cfg.timeout_s, PING_TIMEOUT_S)),
+            connector=aiohttp.TCPConnector(ssl=ssl_ctx) if ssl_ctx else None,
+        )
+        problem = await self._ping()
+        if problem:  # up means the server answered, not that a client object exists: the backoff grows meanwhile
+            await self.__aexit__(None, None, None)
+            raise SinkUnavailable(problem)
         return self
 
+    async def _ping(self) -> str:
+        """ "" when the server answers GET /ping (InfluxDB 1.x and 2.x, no credentials needed), else why not."""
+        assert self._probe is not None
+        try:
+            async with self._probe.get(f"{self.cfg.url}/ping") as resp:
+                if resp.status in (200, 204):
+                    self._answered = time.monotonic()
+                    return ""
+                return f"InfluxDB {self.where} answered /ping with HTTP {resp.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return redact(f"InfluxDB {self.where} unreachable: {exc!r}")
+
+    async def wait_lost(self) -> str:
+        """Returns (why) when the server stops answering, also while nothing is written: pinged once a second when
+        no write has had an answer for that long, so /health and the backlog renderer know within about 2 s."""
+        while True:
+            await asyncio.sleep(WATCH_S)
+            if time.monotonic() - self._answered < WATCH_S:
+                continue
+            problem = await self._ping()
+            if problem:
+                return problem
+
     async def __aexit__(self, *exc: object) -> None:
+        if self._probe is not None:
+            await self._probe.close()
+            self._probe = None
         if self._v2 is not None:
             await self._v2.close()
             self._v2 = None
@@ -172,6 +212,7 @@ class InfluxSink:
             result = await (self._write_v2(body) if self._v2 is not None else self._write_v1(body))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SinkUnavailable(redact(f"InfluxDB {self.where} unreachable: {exc!r}")) from exc
+        self._answered = time.monotonic()
         if result.outcome is Outcome.ACCEPTED:
             self.written += points
         return result

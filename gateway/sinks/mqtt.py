@@ -58,6 +58,47 @@ def make_client(cfg: MqttSection, identifier: str, will: aiomqtt.Will | None = N
     )
 
 
+class RetainedState:
+    """The newest message of every retained topic the gateway owns (device statuses, active alarms, sessions, room
+    modes). It outlives a connection (owned by the gateway, given to every sink it builds) and, through the outbox's
+    state, a restart: after a broker restart without persistence, or a gateway restart, every retained topic is put
+    back. A topic only moves forward in time: a backlog record drained after a newer live one must not put an older
+    state back (a cleared alarm would come back as a ghost on the wall)."""
+
+    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+        self.payloads: dict[str, bytes] = {}  # topic -> what it holds now (a cleared topic is absent)
+        self.times: dict[str, str] = {}  # topic -> event time of the newest message routed there (ISO UTC)
+        self.on_change = on_change
+
+    def newest(self, topic: str, at: str) -> bool:
+        """Whether a record of time `at` may take the topic (fixed-width ISO UTC: string order is time order)."""
+        if at < self.times.get(topic, ""):
+            return False
+        self.times[topic] = at
+        return True
+
+    def published(self, topic: str, payload: bytes) -> None:
+        if payload:
+            self.payloads[topic] = payload
+        else:
+            self.payloads.pop(topic, None)
+        if self.on_change is not None:
+            self.on_change()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "v": 1,
+            "times": dict(self.times),
+            "payloads": {t: p.decode() for t, p in self.payloads.items()},
+        }
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        if snapshot.get("v") != 1:
+            raise ValueError(f"unknown retained state version {snapshot.get('v')!r}")
+        self.times = {str(t): str(at) for t, at in snapshot.get("times", {}).items()}
+        self.payloads = {str(t): str(p).encode() for t, p in snapshot.get("payloads", {}).items()}
+
+
 class MqttSink:
     """Publishes outbox records and the retained gateway status (with a last will saying "offline")."""
 
@@ -71,6 +112,7 @@ class MqttSink:
         live_window_s: float,
         on_command: CommandHandler | None = None,
         commands: list[str] | None = None,
+        retained: RetainedState | None = None,
     ) -> None:
         self.cfg = cfg
         self.on_command = on_command
@@ -81,10 +123,7 @@ class MqttSink:
         self.live_window_s = live_window_s
         self.status_topic = gateway_topic(cfg.topic_prefix, site, gateway_id)
         self._client: aiomqtt.Client | None = None
-        self._retained: dict[str, bytes] = {}  # topic -> last retained device status, republished on reconnect
-        # topic -> event time of the newest retained message routed there: a backlog record drained after a newer
-        # live one must not put an older state back (a cleared alarm would come back as a ghost on the wall).
-        self._retained_time: dict[str, str] = {}
+        self.retained = retained if retained is not None else RetainedState()
         self.gateway_status: dict[str, Any] = {}
         self.published = 0
         self._lost: asyncio.Future[str] | None = None
@@ -114,8 +153,12 @@ class MqttSink:
         self._lost = asyncio.get_running_loop().create_future()
         log.info("connected to MQTT broker %s:%s", self.cfg.host, self.cfg.port)
         try:
-            # After a broker restart without persistence the retained statuses are gone: put them back.
-            await asyncio.gather(*(client.publish(t, p, qos=1, retain=True) for t, p in self._retained.items()))
+            # After a broker restart without persistence (or a gateway restart) the retained topics may be gone or
+            # stale: put the newest of each back, from the gateway's own durable memory of them.
+            held = list(self.retained.payloads.items())
+            await asyncio.gather(*(client.publish(t, p, qos=1, retain=True) for t, p in held))
+            if held:
+                log.info("retained topics put back after connecting: %d", len(held))
             await self.publish_gateway_status()
             if self.on_command is not None:
                 for topic in self.command_topics:
@@ -170,8 +213,10 @@ class MqttSink:
         if client is None:
             return
         # A clean stop says "offline" itself; the will only fires on an unclean loss.
-        with contextlib.suppress(aiomqtt.MqttError):
+        try:
             await client.publish(self.status_topic, self._offline(), qos=1, retain=True, timeout=2)
+        except aiomqtt.MqttError as exc:
+            log.warning("could not publish the offline status (%s): the broker's last will says it instead", exc)
         with contextlib.suppress(aiomqtt.MqttError):
             await client.__aexit__(None, None, None)
 
@@ -217,11 +262,7 @@ class MqttSink:
 
     def _newest(self, topic: str, record: dict[str, Any]) -> bool:
         """Whether a retained topic should take this record: only if nothing newer was routed there before."""
-        at: str = record["time"]  # fixed-width ISO UTC: string order is time order
-        if at < self._retained_time.get(topic, ""):
-            return False
-        self._retained_time[topic] = at
-        return True
+        return self.retained.newest(topic, str(record["time"]))
 
     async def write(self, batch: list[dict[str, Any]]) -> WriteResult:
         client = self._client
@@ -236,7 +277,7 @@ class MqttSink:
             raise SinkUnavailable(f"MQTT publish failed: {exc}") from exc
         for topic, payload, retain in routed:
             if retain:
-                self._retained[topic] = payload
+                self.retained.published(topic, payload)
         self.published += len(batch)
         return ACCEPTED
 

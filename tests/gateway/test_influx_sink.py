@@ -55,9 +55,9 @@ async def test_v1_unknown_database_is_retried_not_dropped(influxd: Any) -> None:
 
 async def test_v1_unreachable_server_is_unavailable() -> None:
     cfg = InfluxSection(api="v1", url="http://127.0.0.1:9", database="x", timeout_s=2)
-    async with InfluxSink(cfg) as sink:
-        with pytest.raises(SinkUnavailable, match="unreachable"):
-            await sink.write(_records(1, time.time()))
+    with pytest.raises(SinkUnavailable, match="unreachable"):  # up only once the server has answered
+        async with InfluxSink(cfg):
+            pass
 
 
 class StandInV2:
@@ -75,11 +75,16 @@ class StandInV2:
         return web.Response(status=self.status)
 
 
+async def _pong(request: web.Request) -> web.Response:
+    return web.Response(status=204)  # as InfluxDB 2.x answers /ping
+
+
 @pytest.fixture
 async def stand_in(unused_tcp_port: int) -> AsyncIterator[tuple[StandInV2, str]]:
     server = StandInV2()
     app = web.Application()
     app.router.add_post("/api/v2/write", server.handle)
+    app.router.add_get("/ping", _pong)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", unused_tcp_port)
