@@ -127,7 +127,7 @@ async def test_an_idle_gateway_notices_the_broker_going_says_degraded_and_raises
         await wait_for(lambda: health(health_port).get("links", {}).get("mqtt") == "up", 15)
 
         def lost_alarm_stored() -> bool:  # InfluxDB stayed up: the alarm's record is there as soon as it is raised
-            query = "SELECT \"transition\" FROM \"alarms\" WHERE \"rule\" = 'broker_lost'"
+            query = 'SELECT "transition" FROM "alarms" WHERE "rule" = \'broker_lost\''
             rows = influxd.query(influx_db, query)
             return bool(rows) and any(r[1] == "raised" for r in rows[0]["values"])
 
