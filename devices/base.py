@@ -364,6 +364,13 @@ class StreamingEmulator:
 
 
 @dataclass(frozen=True, slots=True)
+class DriverOptions:
+    """Per-device settings a driver needs from the gateway's config (typed, validated there)."""
+
+    measurement_timeout_s: float = 180.0
+
+
+@dataclass(frozen=True, slots=True)
 class Model:
     """A registry entry: everything the gateway, `decode` and `simulate` need for one model.
 
@@ -376,6 +383,13 @@ class Model:
     driver: Callable[[], Driver]
     encode: Callable[[Sample], bytes]
     emulator: Callable[[], Emulator] | None = None
+    # Models whose driver takes per-device options (a cuff's measurement timeout); None: `driver()` as it is.
+    configured_driver: Callable[[DriverOptions], Driver] | None = None
+
+    def make_driver(self, options: DriverOptions | None = None) -> Driver:
+        if options is not None and self.configured_driver is not None:
+            return self.configured_driver(options)
+        return self.driver()
 
     def make_emulator(self) -> Emulator:
         if self.emulator is not None:

@@ -320,4 +320,10 @@ class SuntechEmulator:
         return reply(b"D")
 
 
-MODEL = Model(spec=SPEC, driver=SuntechDriver, encode=encode, emulator=SuntechEmulator)
+MODEL = Model(
+    spec=SPEC,
+    driver=SuntechDriver,
+    encode=encode,
+    emulator=SuntechEmulator,
+    configured_driver=lambda options: SuntechDriver(options.measurement_timeout_s),
+)

@@ -18,6 +18,7 @@ from devices.base import (
     DeviceState,
     DeviceStatus,
     Driver,
+    DriverOptions,
     Event,
     FramedDriver,
     ProtocolError,
@@ -49,7 +50,8 @@ class DeviceSession:
             spec = replace(spec, stale_after_s=cfg.stale_after_s)
         self.cfg = cfg
         self.spec: DeviceSpec = spec
-        self.driver: Driver = model.driver()
+        # The config's per-device options reach the driver (measurement_timeout_s was validated, then ignored).
+        self.driver: Driver = model.make_driver(DriverOptions(measurement_timeout_s=cfg.measurement_timeout_s))
         self.emit = emit
         self.clock = clock
         self.state: DeviceState | None = None

@@ -80,3 +80,21 @@ def test_busy_is_retried_and_unknown_acks_are_reported() -> None:
     assert START_BP in driver.outgoing(0.7)
     err = driver.feed(bytes.fromhex("3E 04 45 79"), 1.0)  # "E"
     assert [type(e) for e in err] == [ProtocolError]
+
+
+def test_the_configured_measurement_timeout_reaches_the_driver() -> None:
+    """Issue 16: `measurement_timeout_s` was validated in the config and then ignored (the driver kept 180 s)."""
+    from devices.base import DeviceState, DeviceStatus
+    from gateway.config import DeviceConfig
+    from gateway.session import DeviceSession
+
+    cfg = DeviceConfig(room="3", name="cuff", model="suntech-advantage", port="/dev/null", measurement_timeout_s=45)
+    driver = DeviceSession(cfg, lambda *a: None).driver
+    assert driver.start_measurement(0.0)  # type: ignore[attr-defined]
+    driver.outgoing(0.0)
+    driver.outgoing(44.0)
+    early = [e.state for e in driver.poll(44.0) if isinstance(e, DeviceStatus)]  # type: ignore[attr-defined]
+    assert DeviceState.CUFF_ERROR not in early  # 44 s: still within the configured 45 s (the default was 180 s)
+    driver.outgoing(46.0)
+    late = [e for e in driver.poll(46.0) if isinstance(e, DeviceStatus)]  # type: ignore[attr-defined]
+    assert [(e.state, e.conditions) for e in late] == [(DeviceState.CUFF_ERROR, ("timeout",))]
