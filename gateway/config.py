@@ -13,6 +13,7 @@ import os
 import re
 import tomllib
 import traceback
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -232,15 +233,7 @@ ROLE_RE = r"^[a-z][a-z0-9_-]{0,31}$"
 Action = Literal[
     "acknowledge", "silence", "start_session", "stop_session", "standby", "end_standby", "start_measurement"
 ]
-ALL_ACTIONS: tuple[Action, ...] = (
-    "acknowledge",
-    "silence",
-    "start_session",
-    "stop_session",
-    "standby",
-    "end_standby",
-    "start_measurement",
-)
+ALL_ACTIONS: tuple[Action, ...] = typing.get_args(Action)
 
 
 class CommandsSection(_Strict):
@@ -254,15 +247,8 @@ class CommandsSection(_Strict):
     silence_max_renewals: Annotated[int, Field(ge=0, le=10)] = 2  # silences of one alarm after the first
     roles: dict[Annotated[str, Field(pattern=ROLE_RE)], tuple[Action, ...]] = Field(
         default_factory=lambda: {
-            "nurse": (
-                "acknowledge",
-                "silence",
-                "start_session",
-                "stop_session",
-                "standby",
-                "end_standby",
-                "start_measurement",
-            ),
+            # An example of a site policy: nurses and physicians may do everything, a technician start a cuff.
+            "nurse": ALL_ACTIONS,
             "physician": ALL_ACTIONS,
             "technician": ("start_measurement",),
         }

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import inspect
+import json
 import os
 import select
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.localservices import find_free_port
 
@@ -127,3 +130,13 @@ def fill(directory: Path) -> Path:
                         raise
                     break
     return filler
+
+
+def health(port: int) -> dict[str, Any]:
+    """The gateway's /health body, or {} while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            body: dict[str, Any] = json.loads(response.read())
+            return body
+    except OSError:
+        return {}

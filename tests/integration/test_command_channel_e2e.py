@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,22 +24,13 @@ from gateway.commands import command_payload
 from gateway.config import MqttSection
 from gateway.localservices import find_free_port
 from gateway.sinks.mqtt import request, subscribe
-from tests.helpers import start_gateway, stop_gateway, wait_for
+from tests.helpers import health, start_gateway, stop_gateway, wait_for
 from tests.integration.test_gateway_e2e import write_config
 
 GATEWAY_CLIENT_ID = "infusion-gw-test-site-gw-e2e"
 # The absent device's device_disconnected alarm is published 2 s after start; after that nothing is published at
 # all, so only the gateway's own watch on its link can notice a loss.
 IDLE_AFTER_S = 4.0
-
-
-def health(port: int) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-            body: dict[str, Any] = json.loads(response.read())
-            return body
-    except OSError:
-        return {}
 
 
 def mqtt_link(port: int) -> str | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import aiomqtt
 import pytest
 
 from gateway.localservices import find_free_port
-from tests.helpers import fill, stop_gateway, wait_for
+from tests.helpers import fill, health, stop_gateway, wait_for
 from tests.integration.test_gateway_e2e import write_config
 from tests.integration.test_reliability import (
     Device,
@@ -31,15 +30,6 @@ from tests.integration.test_reliability import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-def health(port: int) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-            body: dict[str, Any] = json.loads(response.read())
-            return body
-    except OSError:
-        return {}
 
 
 class GatewayAlarms:

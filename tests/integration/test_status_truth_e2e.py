@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,18 +22,9 @@ import pytest
 
 from gateway.localservices import find_free_port
 from simulators.serve import serve
-from tests.helpers import start_gateway, stop_gateway, wait_for, write_gateway_config
+from tests.helpers import health, start_gateway, stop_gateway, wait_for, write_gateway_config
 
 ROOMS = ("1", "2", "3")
-
-
-def health(port: int) -> dict[str, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-            body: dict[str, Any] = json.loads(response.read())
-            return body
-    except OSError:
-        return {}
 
 
 def config(tmp_path: Path, mosquitto: Any, influxd: Any, db: str, health_port: int, extra: str = "") -> Path:
