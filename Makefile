@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 APT_PACKAGES := mosquitto influxdb
 
-.PHONY: test demo lint typecheck unit services schema bench chaos clean
+.PHONY: test demo lint typecheck check-dashboards unit services schema bench chaos clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,14 +14,15 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Debian's mosquitto and influxd (the tests start their own on free ports), docker-compose (to validate the
-# compose file without an engine) and strace (to prove the secrets script puts no password on a command line),
-# installed when missing.
+# compose file without an engine), strace (to prove the secrets script puts no password on a command line) and npm
+# (to type-check the dashboards against Grafana's schema), installed when missing.
 services:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v influxd >/dev/null 2>&1 || [ -x /usr/bin/influxd ] || missing="$$missing influxdb"; \
 	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
 	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
@@ -39,7 +40,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) services lint typecheck
+# The generated dashboards against @grafana/schema with tsc (dashboards/typecheck.py): npm ci from the committed
+# lock once (needs the npm registry), then offline, a few seconds.
+DASH_TC := dashboards/.typecheck
+$(DASH_TC)/node_modules/.package-lock.json: $(DASH_TC)/package-lock.json $(DASH_TC)/package.json
+	npm ci --prefix $(DASH_TC) --no-audit --no-fund --loglevel=error
+
+check-dashboards: $(STAMP) services $(DASH_TC)/node_modules/.package-lock.json
+	$(BIN)/python -m dashboards.typecheck
+
+test: $(STAMP) services lint typecheck check-dashboards
 	$(BIN)/pytest
 
 demo: $(STAMP) services

@@ -1238,9 +1238,17 @@ def gateway_health(profile: AlarmProfile, ds: dash_m.DataSourceRef) -> dash_b.Da
 # --- public API ----------------------------------------------------------------------------------------------
 
 
+INTERVAL_ONLY = ("auto", "auto_min", "auto_count")  # the SDK writes these on every variable; Grafana's schema
+# has them for interval variables only (the schema check in dashboards/typecheck.py rejects them elsewhere)
+
+
 def render(board: cogbuilder.Builder[dash_m.Dashboard]) -> dict[str, Any]:
     """The dashboard's JSON model, as Grafana stores it."""
     rendered: dict[str, Any] = json.loads(json.dumps(board.build(), cls=JSONEncoder))
+    for variable in (rendered.get("templating") or {}).get("list") or []:
+        if variable.get("type") != "interval":
+            for key in INTERVAL_ONLY:
+                variable.pop(key, None)
     return rendered
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from grafana_client.api import GrafanaApi
 from grafana_client.client import GrafanaException
 
-from dashboards.build import GENERATED_DIR, build_all, write_all
+from dashboards.build import GENERATED_DIR, HEARTBEAT_STALE_S, build_all, write_all
 from gateway.alarms import EXAMPLE_KETAMINE_PROFILE, AlarmProfile
 from gateway.config import ConfigError, load_config
 
@@ -84,7 +84,14 @@ def load_profile(config_path: Path | None) -> AlarmProfile:
     """The alarm profile of a gateway config, or the shipped example profile when there is no config."""
     if config_path is None:
         return EXAMPLE_KETAMINE_PROFILE
-    return load_config(config_path).alarms.build()
+    config = load_config(config_path)
+    if (interval := config.gateway.status_interval_s) * 3 > HEARTBEAT_STALE_S:
+        print(
+            f"warning: gateway.status_interval_s = {interval:g}: the wall calls a gateway OFFLINE after "
+            f"{HEARTBEAT_STALE_S} s without a heartbeat; keep the interval at {HEARTBEAT_STALE_S / 3:g} s or less",
+            file=sys.stderr,
+        )
+    return config.alarms.build()
 
 
 def main_build(config_path: Path | None, out_dir: Path = GENERATED_DIR) -> int:

@@ -43,6 +43,7 @@ from dashboards.build import (
     write_all,
 )
 from dashboards.push import GrafanaPushError, main_build, push
+from dashboards.typecheck import PANEL_TYPES, source
 from devices.base import DeviceState, DeviceStatus, Reading
 from devices.registry import get_model
 from gateway.alarms import (
@@ -911,7 +912,7 @@ async def test_push_errors_are_ours_and_say_why(grafana: StandInGrafana) -> None
         push(grafana.url, "", {})
 
 
-def test_main_build_uses_the_config_profile(tmp_path: Path) -> None:
+def test_main_build_uses_the_config_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text(
         '[influx]\napi = "v1"\nurl = "http://127.0.0.1:8086"\ndatabase = "infusion"\n\n'
@@ -919,7 +920,24 @@ def test_main_build_uses_the_config_profile(tmp_path: Path) -> None:
         'priority = "high"\n'
     )
     assert main_build(config, tmp_path / "out") == 0
+    assert "status_interval_s" not in capsys.readouterr().err  # the default 5 s suits the wall's 15 s
     wall = json.loads((tmp_path / "out" / "infusion-wall.json").read_text())
     assert _steps(_config(_tile(wall), "SpO2")) == [(None, "red"), (93, "green")]
     assert "example" not in wall["title"]
     assert main_build(tmp_path / "missing.toml", tmp_path / "out") == 2
+    config.write_text(config.read_text().replace("[influx]", "[gateway]\nstatus_interval_s = 10\n\n[influx]"))
+    assert main_build(config, tmp_path / "out") == 0
+    assert "status_interval_s = 10: the wall calls a gateway OFFLINE after 15 s" in capsys.readouterr().err
+
+
+def test_the_schema_check_types_every_dashboard_and_panel(tmp_path: Path) -> None:
+    """What `make check-dashboards` hands to tsc (tsc itself runs there): every dashboard, and every panel by its
+    own plugin's type; a panel type the check does not know is a type error, never a silent pass."""
+    text = source(sorted(GENERATED_DIR.glob("*.json")))
+    assert text.count("satisfies DashboardJson;") == 3
+    for board in build_all(EXAMPLE_KETAMINE_PROFILE).values():
+        for panel in board["panels"]:
+            assert f"satisfies {PANEL_TYPES[panel['type']]};" in text
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({"title": "x", "panels": [{"type": "piechart", "id": 1}]}))
+    assert "satisfies never /* unknown panel type 'piechart' */;" in source([odd])
