@@ -37,7 +37,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import Rig, collector, rig, wait_until
-from dashboards.build import GENERATED_DIR, LIVE_WINDOW, ROOM_MATCH, WALL_UID, _active_alarms_query, panel_queries
+from dashboards.build import (
+    GENERATED_DIR,
+    LIVE_WINDOW,
+    PRIORITY_CODES,
+    ROOM_MATCH,
+    WALL_UID,
+    panel_queries,
+    room_tile_query,
+)
 from devices.base import Sample
 from devices.registry import get_model
 from gateway.alarms import EXAMPLE_KETAMINE_PROFILE
@@ -72,20 +80,19 @@ def _iso(text: str) -> float:
 
 @dataclass(frozen=True)
 class Wall:
-    """What the generated wall runs: its refresh interval and the two queries measured here."""
+    """What the generated wall runs: its refresh interval and the room tile's one query (alarm, SpO2, state...)."""
 
     refresh_s: float
-    alarms_query: str  # with $room
-    live_query: str  # the SpO2 tile's, with $room
+    alarms_query: str  # the room tile's query, with $room: its "Alarm" column is the highest active priority
+    live_query: str  # the same query: its "SpO2" column is empty when the tile says NO DATA
 
     @staticmethod
     def load() -> Wall:
         board = json.loads((GENERATED_DIR / f"{WALL_UID}.json").read_text())
-        queries = dict(panel_queries(board))
-        alarms = _active_alarms_query(ROOM_MATCH)
-        if alarms not in queries.values():
-            raise RuntimeError("the generated wall does not run _active_alarms_query: run `dashboards build` first")
-        return Wall(_seconds(board["refresh"]), alarms, queries["SpO2"])
+        tile = room_tile_query(ROOM_MATCH)
+        if tile not in dict(panel_queries(board)).values():
+            raise RuntimeError("the generated wall does not run room_tile_query: run `dashboards build` first")
+        return Wall(_seconds(board["refresh"]), tile, tile)
 
     @staticmethod
     def for_room(query: str, room: str) -> str:
@@ -136,13 +143,24 @@ async def _poll(r: Rig, query: str, done: Callable[[Rows], bool], what: str) -> 
         await asyncio.sleep(POLL_S)
 
 
-def _has_rule(rule: str) -> Callable[[Rows], bool]:
-    """Whether an answer of the wall's active-alarm query lists an alarm of `rule`."""
+def _column(rows: Rows, name: str) -> list[Any]:
+    """The non-null values of one column of the room tile's answer (every row of every series)."""
+    return [
+        row[series["columns"].index(name)]
+        for series in rows
+        if name in series["columns"]
+        for row in series["values"]
+        if row[series["columns"].index(name)] is not None
+    ]
 
-    def has(rows: Rows) -> bool:
-        return any(row[series["columns"].index("rule")] == rule for series in rows for row in series["values"])
 
-    return has
+def _alarm_at_least(priority: str) -> Callable[[Rows], bool]:
+    """Whether the room tile shows an active alarm of `priority` or higher (its "Alarm" field, reduced by max)."""
+
+    def shows(rows: Rows) -> bool:
+        return any(float(v) >= PRIORITY_CODES[priority] for v in _column(rows, "Alarm"))  # type: ignore[index]
+
+    return shows
 
 
 async def _sleep_until(t: float) -> None:
@@ -179,7 +197,7 @@ async def _room(
             msg.get("type") == "alarm" and msg["room"] == room and msg["rule"] == RULE and msg["transition"] == "raised"
         )
 
-    on_wall = _has_rule(RULE)
+    on_wall = _alarm_at_least("medium")  # spo2-low is medium in the example profile
 
     async def wall_sees_alarm() -> None:
         await _sleep_until(run.onset + delay_s - 1.0)  # no point asking before the rule's delay is nearly over
@@ -215,12 +233,14 @@ async def _room(
     async def tile_empty() -> None:
         await _sleep_until(run.last_frame + LIVE_S - 1.0)
         live = Wall.for_room(wall.live_query, room)
-        run.tile_empty = await _poll(r, live, lambda rows: not rows, f"room {room}: NO DATA on the live SpO2 tile")
+        run.tile_empty = await _poll(
+            r, live, lambda rows: not _column(rows, "SpO2"), f"room {room}: NO DATA on the live SpO2 tile"
+        )
 
     async def wall_sees_no_data() -> None:
         await _sleep_until(run.last_frame + stale_s - 1.0)
         query = Wall.for_room(wall.alarms_query, room)
-        has_no_data = _has_rule("no_data")
+        has_no_data = _alarm_at_least("high")  # no_data is high
         run.no_data_on_wall_query = await _poll(r, query, has_no_data, f"room {room}: no_data from the wall's alarms")
 
     await asyncio.gather(tile_empty(), wall_sees_no_data())
