@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from devices.base import DeviceStatus, Reading, Waveform
 from gateway.alarms import AlarmEngine, EngineEvent, RoomModeEvent, SessionEvent
@@ -37,6 +37,9 @@ from gateway.sinks import SinkUnavailable
 from gateway.sinks.influx import InfluxSink
 from gateway.sinks.mqtt import MqttSink, RetainedState
 
+if TYPE_CHECKING:
+    from gateway.notify_worker import NotifyWorker
+
 log = logging.getLogger(__name__)
 CLOCK_CHECK_S = 60.0
 LINK_FLAP_WINDOW_S = 60.0
@@ -54,7 +57,14 @@ class Gateway:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         g = cfg.gateway
-        self.outbox = Outbox(g.data_dir / "outbox.sqlite3", sinks=("mqtt", "influx"))
+        sinks = ("mqtt", "influx", "notify") if cfg.notify is not None else ("mqtt", "influx")
+        self.outbox = Outbox(g.data_dir / "outbox.sqlite3", sinks=sinks)
+        # Alarm notifications (docs/notify.md): its own cursor; target URLs resolved here, before any port opens.
+        self.notify: NotifyWorker | None = None
+        if cfg.notify is not None:
+            from gateway.notify_worker import NotifyWorker  # Apprise is imported only where it is used
+
+            self.notify = NotifyWorker(self.outbox, cfg.notify, cfg.commands.silence_max_s)
         self.sessions = [DeviceSession(d, self._emit) for d in cfg.devices]
         self._origins = {s.key: origin_for(g.site, s.cfg.room, s.cfg.name, s.spec) for s in self.sessions}
         # Retained topics outlive each connection (and, through the outbox, a restart): put back after every connect.
@@ -352,6 +362,8 @@ class Gateway:
         )
         committer = asyncio.create_task(self.outbox.run_committer(), name="outbox")
         workers = [asyncio.create_task(w.run(), name=f"sink-{w.name}") for w in (self.mqtt, self.influx)]
+        if self.notify is not None:
+            workers.append(asyncio.create_task(self.notify.run(), name="sink-notify"))
         sessions = [asyncio.create_task(s.run(), name=f"device-{s.key}") for s in self.sessions]
         status = asyncio.create_task(self._status_loop(), name="status")
         alarms = asyncio.create_task(self._alarm_loop(), name="alarms")

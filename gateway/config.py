@@ -261,6 +261,63 @@ class CommandsSection(_Strict):
         return self
 
 
+class NotifyTarget(_Strict):
+    """Where notifications go: an Apprise URL (ntfy://, mailto://, msteams://, json://...). It carries the service's
+    token, so it is a secret reference like every password, never a value in the file."""
+
+    url: SecretRef
+    # At most max_messages to this target per per_s seconds: past that, what waits goes out as one summary message.
+    max_messages: Annotated[int, Field(ge=1, le=1000)] = 5
+    per_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+
+
+class NotifyRoute(_Strict):
+    """Which alarms go to which targets at once, and the escalation chain while nobody acknowledges them."""
+
+    priorities: tuple[Literal["low", "medium", "high"], ...] = ("low", "medium", "high")
+    kinds: tuple[Literal["physiological", "technical"], ...] = ("physiological", "technical")
+    rooms: tuple[str, ...] = ()  # empty: every room, the gateway's own alarms (room "_gateway") included
+    targets: tuple[Annotated[str, Field(pattern=NAME_RE)], ...] = ()
+    escalate_to: tuple[Annotated[str, Field(pattern=NAME_RE)], ...] = ()  # the chain, one target a step
+    escalate_after_s: Annotated[float, Field(gt=0, le=86_400)] | None = None  # unacknowledged this long: next step
+    repeat_every_s: Annotated[float, Field(gt=0, le=86_400)] | None = None  # between later steps and reminders
+
+    @model_validator(mode="after")
+    def _chain(self) -> NotifyRoute:
+        if not self.targets and not self.escalate_to:
+            raise ValueError("a route needs targets (or an escalate_to chain)")
+        if self.escalate_to and self.escalate_after_s is None:
+            raise ValueError("escalate_to needs escalate_after_s: how long an unacknowledged alarm waits for the next")
+        if self.escalate_after_s is not None and not self.escalate_to:
+            raise ValueError("escalate_after_s without escalate_to: name the targets of the chain")
+        return self
+
+
+class NotifySection(_Strict):
+    """Alarm notifications to people away from the wall (docs/notify.md). Absent: no notifications."""
+
+    targets: dict[Annotated[str, Field(pattern=NAME_RE)], NotifyTarget]
+    routes: tuple[NotifyRoute, ...]
+    stale_after_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0  # delivered later than this: says how late
+    give_up_after_s: Annotated[float, Field(ge=60, le=7 * 86_400)] = 86_400.0  # then to the rejected pile
+    retry_max_s: Annotated[float, Field(ge=1, le=3600)] = 60.0  # longest wait between attempts at a failing target
+    send_timeout_s: Annotated[float, Field(gt=0, le=300)] = 20.0  # one attempt at one target
+
+    @model_validator(mode="after")
+    def _known_targets(self) -> NotifySection:
+        if not self.targets:
+            raise ValueError("[notify.targets] is empty: add a target, or remove [notify]")
+        if not self.routes:
+            raise ValueError("[[notify.routes]] is empty: no alarm would be sent anywhere")
+        for i, route in enumerate(self.routes):
+            unknown = sorted(set(route.targets + route.escalate_to) - set(self.targets))
+            if unknown:
+                raise ValueError(
+                    f"routes[{i}] names unknown target(s) {', '.join(unknown)}: known are {', '.join(self.targets)}"
+                )
+        return self
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid", frozen=True, env_prefix="INFUSION_", env_nested_delimiter="__")
 
@@ -270,6 +327,7 @@ class Config(BaseSettings):
     alarms: AlarmsSection = AlarmsSection()
     commands: CommandsSection = CommandsSection()
     devices: list[DeviceConfig] = Field(default_factory=list)
+    notify: NotifySection | None = None
 
     @classmethod
     def settings_customise_sources(

@@ -167,9 +167,11 @@ class Outbox:
         if self.storage is not None:  # continued after their marks, even where the outbox could not take the write
             for key, seq in self.storage.sequences_from_marks.items():
                 self._seq[key] = max(seq, self._seq.get(key, 0))
-        self._cursors = await self._run(
-            lambda: dict(self._conn.execute("SELECT sink, last_id FROM cursors").fetchall())
-        )
+        # This run's sinks only: the cursor of a sink no longer configured (notify removed from the config) stays in
+        # the file but is owed nothing, and holds back neither pruning nor a clean stop.
+        marks = ",".join("?" * len(self.sinks))
+        query = f"SELECT sink, last_id FROM cursors WHERE sink IN ({marks})"
+        self._cursors = await self._run(lambda: dict(self._conn.execute(query, self.sinks).fetchall()))
         self._head, self._stored, holes = await self._run(self._tally_sync, min(self._cursors.values(), default=0))
         self._holes = array("q", holes)
         for sink in self.sinks:

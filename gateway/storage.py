@@ -381,7 +381,13 @@ def open_outbox(path: Path, sinks: tuple[str, ...]) -> tuple[sqlite3.Connection,
     try:
         lost = report.damage is not None or (not existed and marks.found) or marks.undurable
         _continue_sequences(db, path, marks, report, lost)
-        db.executemany("INSERT OR IGNORE INTO cursors(sink, last_id) VALUES (?, 0)", [(s,) for s in sinks])
+        # A sink added to an existing outbox starts at its head: it gets what comes from now on, not the history
+        # (a notify sink added after a year must not page a year of alarms). In a new file the head is 0.
+        db.executemany(
+            "INSERT OR IGNORE INTO cursors(sink, last_id) VALUES "
+            "(?, (SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'records'))",
+            [(s,) for s in sinks],
+        )
     except BaseException:
         db.close()
         raise

@@ -19,6 +19,7 @@ ADAPTERS: dict[str, set[str]] = {
     "serial_asyncio_fast": {"gateway/serial_port.py"},
     "grafana_client": {"dashboards/push.py"},
     "grafana_foundation_sdk": {"dashboards/build.py"},
+    "apprise": {"gateway/sinks/notify.py"},
 }
 
 
