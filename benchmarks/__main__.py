@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import decode, delays, drain, latency, limits, load, mixed
+from benchmarks import decode, delays, drain, latency, limits, load, mixed, notify_delay
 
 PEER = {  # Node-RED flow: gateway CPU % of a core, steady RSS MB (issue 7)
     10: (3.8, 98),
@@ -95,6 +95,9 @@ def main() -> None:
     print("disclosed delays (default config, example profile; seconds, p50 / max over 5 rooms; docs/alarms.md)")
     results["delays"] = row = asyncio.run(delays.measure(_tmp(), 5))
     print("  " + delays.table(row).replace("\n", "\n  "))
+    print("notification delay (a desaturation on a pty -> the ALARM message at a json:// receiver; docs/alarms.md)")
+    results["notify_delay"] = row = asyncio.run(notify_delay.measure(_tmp(), 5, 3 if args.quick else 10))
+    print("  " + notify_delay.table(row).replace("\n", "\n  "))
     print("backlog drain (50,000 readings owed, 10 live devices)")
     results["drain"] = row = asyncio.run(drain.measure(_tmp(), 50_000, 10))
     influx_share = round(row["influx_readings_per_s"] / lim["influx_points_per_s_batched_5000"], 3)
