@@ -39,8 +39,14 @@ class Fatal(Exception):
 def check_secrets(cfg: Config) -> None:
     """Resolve every configured secret now (and register each for redaction), not when a sink first connects."""
     problems: list[str] = []
-    refs = (("mqtt.password", cfg.mqtt.password), ("influx.token", cfg.influx.token))
-    for field, ref in (*refs, ("influx.password", cfg.influx.password)):
+    refs = [
+        ("mqtt.password", cfg.mqtt.password),
+        ("influx.token", cfg.influx.token),
+        ("influx.password", cfg.influx.password),
+    ]
+    if cfg.notify is not None:  # target URLs carry the services' tokens (docs/notifications.md)
+        refs += [(f"notify.targets.{name}.url", target.url) for name, target in cfg.notify.targets.items()]
+    for field, ref in refs:
         try:
             resolve_secret(ref, field)
         except ConfigError as exc:
