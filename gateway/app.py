@@ -59,7 +59,7 @@ class Gateway:
         g = cfg.gateway
         sinks = ("mqtt", "influx", "notify") if cfg.notify is not None else ("mqtt", "influx")
         self.outbox = Outbox(g.data_dir / "outbox.sqlite3", sinks=sinks)
-        # Alarm notifications (docs/notify.md): its own cursor; target URLs resolved here, before any port opens.
+        # Alarm notifications (docs/notifications.md): its own cursor; target URLs resolved here, before any port opens.
         self.notify: NotifyWorker | None = None
         if cfg.notify is not None:
             from gateway.notify_worker import NotifyWorker  # Apprise is imported only where it is used

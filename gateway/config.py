@@ -294,7 +294,7 @@ class NotifyRoute(_Strict):
 
 
 class NotifySection(_Strict):
-    """Alarm notifications to people away from the wall (docs/notify.md). Absent: no notifications."""
+    """Alarm notifications to people away from the wall (docs/notifications.md). Absent: no notifications."""
 
     targets: dict[Annotated[str, Field(pattern=NAME_RE)], NotifyTarget]
     routes: tuple[NotifyRoute, ...]

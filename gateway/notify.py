@@ -3,7 +3,7 @@ how a storm becomes one summary, and what a message says. Pure: it knows time on
 (gateway/notify_worker.py feeds it the outbox's records and sends what it says through gateway/sinks/notify.py), so
 tests drive it through hours of escalations in microseconds.
 
-What it does (docs/notify.md):
+What it does (docs/notifications.md):
 - **Alarm records only**: raised, escalated, acknowledged, cleared and suspended (ended by standby), technical
   alarms included; readings, statuses and the rest never. A transition goes to the targets of every route that
   matches its priority, kind and room; acknowledged and the endings go to everyone told of the alarm so far.
