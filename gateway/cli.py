@@ -67,6 +67,19 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 GC_THRESHOLD_0 = 10_000  # young-generation threshold in the gateway process (Python's default: 700)
+
+
+def tune_runtime() -> None:
+    """The interpreter settings of a running gateway, in one place (docs/benchmarks.md measured each)."""
+    # While a backlog drains, the outbox thread and InfluxDB's line rendering hold the GIL for long stretches; the
+    # default 5 ms switch interval would add that much, several times over, to every live reading on the loop.
+    sys.setswitchinterval(0.0001)
+    # A backlog batch keeps thousands of decoded records alive at once; with the default thresholds they are promoted
+    # into the old generation and full collections (up to 50 ms, all threads stopped) land on live readings. Records
+    # hold no reference cycles, so collections can be rarer; what start-up made is frozen out of every scan.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD_0, 10, 10)
 HEX_TOKEN = re.compile(r"(?:0x)?([0-9a-fA-F]{2})")
 
 
@@ -140,16 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fatal(exc)
     from gateway.app import Gateway
 
-    # While a backlog drains, the outbox thread and InfluxDB's line rendering hold the GIL for long stretches; the
-    # default 5 ms switch interval would add that much, several times over, to every live reading on the loop
-    # (docs/benchmarks.md: no measurable CPU cost).
-    sys.setswitchinterval(0.0001)
-    # A backlog batch keeps thousands of decoded records alive at once; with the default thresholds they are promoted
-    # into the old generation and full collections (up to 50 ms, all threads stopped) land on live readings. Records
-    # hold no reference cycles, so collections can be rarer; what start-up made is frozen out of every scan.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD_0, 10, 10)
+    tune_runtime()
 
     async def main() -> None:
         stop = asyncio.Event()

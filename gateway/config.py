@@ -31,6 +31,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from devices.base import DeviceKind
 from devices.registry import MODELS
 from gateway.alarms import EXAMPLE_KETAMINE_PROFILE, AlarmProfile, TechnicalRules, ThresholdRule
+from gateway.errors import GatewayError
 
 NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 NAME_HINT = "use 1-32 lower-case letters, digits, '-' or '_' (room and device names only: never patient data)"
@@ -371,7 +372,7 @@ class Config(BaseSettings):
         return result
 
 
-class ConfigError(Exception):
+class ConfigError(GatewayError):
     """A config that cannot be used. str() is a list of `field.path: problem -> fix` lines."""
 
     def __init__(self, source: str, problems: list[str]) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway import storage
+from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,7 +51,7 @@ _RETRYABLE_SQLITE = frozenset({13, 10})
 SCHEMA = storage.SCHEMA  # the tables, their version and migrations live in gateway/storage.py
 
 
-class OutboxFull(Exception):
+class OutboxFull(GatewayError):
     """A record dropped from memory while storage was unusable and memory's bound was reached."""
 
 

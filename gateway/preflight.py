@@ -17,6 +17,7 @@ import urllib.parse
 from pathlib import Path
 
 from gateway.config import Config, ConfigError, register_secret, resolve_secret
+from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
 EXIT_OK = 0  # stopped by SIGTERM / SIGINT, what was owed kept in the outbox
@@ -27,7 +28,7 @@ EXIT_STORAGE = 3  # the data directory or the outbox cannot be written (disk ful
 OUTBOX_FILE = "outbox.sqlite3"
 
 
-class Fatal(Exception):
+class Fatal(GatewayError):
     """Stop the gateway with `code`; `message` is one line: what is wrong -> what to do."""
 
     def __init__(self, code: int, message: str) -> None:

@@ -16,9 +16,10 @@ import serial
 import serial_asyncio_fast
 
 from devices.base import SerialSettings
+from gateway.errors import GatewayError
 
 
-class TransportError(Exception):
+class TransportError(GatewayError):
     """The port cannot be opened, or was lost (adapter unplugged, pty closed, server gone)."""
 
 

@@ -28,6 +28,7 @@ from devices.base import (
 from devices.registry import get_model
 from gateway.backoff import Backoff
 from gateway.config import DeviceConfig
+from gateway.errors import GatewayError
 from gateway.serial_port import SerialPort, TransportError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 EventSink = Callable[["DeviceSession", Reading | DeviceStatus | Waveform, float], None]
 
 
-class CommandRejected(Exception):
+class CommandRejected(GatewayError):
     """A valid command this device cannot carry out now; the text is the reason sent back."""
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, Self, runtime_checkable
 
+from gateway.errors import GatewayError
+
 
 class Outcome(StrEnum):
     ACCEPTED = "accepted"
@@ -28,7 +30,7 @@ class WriteResult:
 ACCEPTED = WriteResult(Outcome.ACCEPTED)
 
 
-class SinkUnavailable(Exception):
+class SinkUnavailable(GatewayError):
     """The connection is gone or cannot be made; the worker backs off and reconnects."""
 
 

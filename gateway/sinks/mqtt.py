@@ -19,6 +19,7 @@ from typing import Any, Self
 import aiomqtt
 
 from gateway.config import MqttSection, resolve_secret
+from gateway.errors import GatewayError
 from gateway.records import device_topic, gateway_topic, iso_utc
 from gateway.sinks import ACCEPTED, SinkUnavailable, WriteResult
 
@@ -286,33 +287,47 @@ class MqttSink:
 async def subscribe(
     cfg: MqttSection, topics: list[str], identifier: str
 ) -> AsyncIterator[AsyncIterator[tuple[str, bytes]]]:
-    """Subscribe and yield (topic, payload) pairs: for `watch` and for tests that want our own client settings."""
-    async with make_client(cfg, identifier) as client:
-        for topic in topics:
-            await client.subscribe(topic, qos=1)
+    """Subscribe and yield (topic, payload) pairs: for `watch` and for tests that want our own client settings.
+    A broker that cannot be reached, or a link lost while iterating, raises BrokerError (never aiomqtt's type)."""
+    try:
+        async with make_client(cfg, identifier) as client:
+            for topic in topics:
+                await client.subscribe(topic, qos=1)
 
-        async def messages() -> AsyncIterator[tuple[str, bytes]]:
-            async for msg in client.messages:
-                payload = msg.payload if isinstance(msg.payload, bytes) else str(msg.payload).encode()
-                yield str(msg.topic), payload
+            async def messages() -> AsyncIterator[tuple[str, bytes]]:
+                try:
+                    async for msg in client.messages:
+                        payload = msg.payload if isinstance(msg.payload, bytes) else str(msg.payload).encode()
+                        yield str(msg.topic), payload
+                except aiomqtt.MqttError as exc:
+                    raise BrokerError(str(exc)) from exc
 
-        yield messages()
+            yield messages()
+    except aiomqtt.MqttError as exc:
+        raise BrokerError(str(exc)) from exc
 
 
-MqttError = aiomqtt.MqttError
+class BrokerError(GatewayError):
+    """The MQTT broker could not be reached, or the link was lost (for the CLI, watch and tests)."""
+
+
+MqttError = BrokerError  # the name callers use
 
 
 async def request(cfg: MqttSection, topic: str, payload: bytes, command_id: str, timeout_s: float = 10.0) -> bytes:
     """Publish a command and wait for the gateway's reply with the same id (the CLI's `session` and `ack`)."""
-    async with make_client(cfg, f"infusion-cli-{command_id}") as client:
-        await client.subscribe(f"{topic}/reply", qos=1)
-        await client.publish(topic, payload, qos=1)
-        async with asyncio.timeout(timeout_s):
-            async for message in client.messages:
-                body = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
-                try:
-                    if json.loads(body).get("id") == command_id:
-                        return body
-                except (ValueError, AttributeError):
-                    continue
+    try:
+        async with make_client(cfg, f"infusion-cli-{command_id}") as client:
+            await client.subscribe(f"{topic}/reply", qos=1)
+            await client.publish(topic, payload, qos=1)
+            async with asyncio.timeout(timeout_s):
+                async for message in client.messages:
+                    body = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+                    try:
+                        if json.loads(body).get("id") == command_id:
+                            return body
+                    except (ValueError, AttributeError):
+                        continue
+    except aiomqtt.MqttError as exc:
+        raise BrokerError(str(exc)) from exc
     raise TimeoutError  # pragma: no cover - the loop above only ends by returning or timing out
