@@ -80,6 +80,8 @@ def tune_runtime() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD_0, 10, 10)
+
+
 HEX_TOKEN = re.compile(r"(?:0x)?([0-9a-fA-F]{2})")
 
 
