@@ -340,6 +340,10 @@ class Outbox:
                     if not retryable(exc):
                         raise
                     self._keep_unsaved([], [], cursors, {}, exc)
+                    return
+                if self.storage_error is not None:  # a write went through: storage is usable again
+                    log.warning("outbox storage usable again (a cursor write went through)")
+                    self.storage_error = self.storage_error_since = None
             return
         batch, self._pending = self._pending, []
         done, self._pending_done = self._pending_done, []
