@@ -56,6 +56,7 @@ class DemoRoom:
 
 OXIMETER = DemoDevice("oximeter", "masimo-ascii1", "Masimo Rad-8")
 CUFF = DemoDevice("cuff", "suntech-advantage", "SunTech Advantage cuff")
+log = logging.getLogger(__name__)
 ROOMS = (
     DemoRoom("1", "baseline", 11, (OXIMETER, CUFF)),
     DemoRoom("2", "desaturation", 22, (OXIMETER,)),
@@ -133,8 +134,10 @@ async def running_demo(workdir: Path, console: Console) -> AsyncIterator[Demo]:
                 task.cancel()
             stop.set()
             if gateway is not None:
-                with contextlib.suppress(Exception):
+                try:
                     await gateway
+                except Exception as exc:  # the demo is ending anyway: say what the gateway ended with
+                    log.error("demo gateway ended with %r", exc)
             await asyncio.gather(*sim_tasks, return_exceptions=True)
             for endpoint in endpoints:
                 endpoint.close()

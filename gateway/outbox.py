@@ -419,8 +419,7 @@ class Outbox:
         """One transaction; returns the last id (ids within it are consecutive: one writer, AUTOINCREMENT)."""
         db = self._conn
         now = time.time()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with storage.transaction(db):
             db.executemany(
                 "INSERT INTO state(name, body) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET body = excluded.body",
                 list(state.items()),
@@ -440,11 +439,6 @@ class Outbox:
             self._save_cursors(db, cursors)
             row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
             last_id = row[0] if row is not None else 0
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # a failed COMMIT may have rolled back already: keep the first error
-                db.execute("ROLLBACK")
-            raise
         return int(last_id)
 
     # -- draining --------------------------------------------------------------------------------------------
@@ -620,8 +614,7 @@ class Outbox:
         db = self._conn
         dropped: list[int] = []
         kinds = "type IN ('reading', 'waveform')"
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with storage.transaction(db):
             if max_age_s is not None:
                 cutoff = time.time() - max_age_s
                 oldest = db.execute("SELECT created FROM records ORDER BY id LIMIT 1").fetchone()
@@ -636,10 +629,5 @@ class Outbox:
                 more = [i for (i,) in db.execute(oldest_first, (over - len(dropped),))]
                 db.execute(f"DELETE FROM records WHERE id IN ({oldest_first})", (len(more),))
                 dropped += more
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         dropped.sort()
         return dropped

@@ -89,6 +89,20 @@ def _belongs(path: Path, name: str) -> bool:
     return name.startswith(path.name) or name == marks_path(path).name
 
 
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT; on any error a ROLLBACK (unless a failed COMMIT already rolled back), and the
+    first error raised, never masked by the rollback's own ("cannot rollback - no transaction is active")."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
 def secure(path: Path) -> list[str]:
     """Data directory 0700, the outbox's files 0600; what was changed, one line each (logged as a warning). A
     shared directory (sticky, like /tmp) or one owned by another user is left alone with an error: the outbox
@@ -329,17 +343,11 @@ def migrate(db: sqlite3.Connection, path: Path) -> int | None:
     tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     steps = [(SCHEMA_VERSION, SCHEMA)] if "records" not in tables else [m for m in MIGRATIONS if m[0] > version]
     for target, sql in steps:
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(db):
             for statement in sql.split(";"):
                 if statement.strip():
                     db.execute(statement)
             db.execute(f"PRAGMA user_version = {int(target)}")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
     if "records" in tables:
         log.warning("outbox %s migrated from schema version %d to %d", path, version, SCHEMA_VERSION)
         return int(version)
@@ -518,8 +526,7 @@ def _recommit(db: sqlite3.Connection, carved: Carved, sinks: tuple[str, ...]) ->
     seqs = dict(carved.sequences)
     for _old, key, seq, _type, _body, _created in rows:
         seqs[key] = max(seqs.get(key, 0), seq)
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 db.execute(statement)
@@ -538,11 +545,6 @@ def _recommit(db: sqlite3.Connection, carved: Carved, sinks: tuple[str, ...]) ->
         db.executemany(
             "INSERT INTO rejected(sink, record_id, reason, at, body) VALUES (?, ?, ?, ?, ?)", carved.rejected
         )
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return len(rows), undecodable
 
 
