@@ -18,8 +18,8 @@ from typing import Any
 from benchmarks.harness import collector, percentiles, rig, wait_until
 from devices.base import Reading, Sample
 from devices.registry import get_model
+from gateway.envelope import origin_for, parse_iso_ns, reading_record
 from gateway.outbox import Outbox
-from gateway.records import origin_for, parse_iso_ns, reading_record
 
 BACKLOG_COUNT = """SELECT count("seq") FROM "vitals" WHERE "room" = 'backlog'"""
 

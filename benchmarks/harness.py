@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devtools.localservices import Influxd, Mosquitto
 from gateway.config import MqttSection
-from gateway.localservices import Influxd, Mosquitto
 from gateway.sinks.mqtt import subscribe
 from simulators.serve import PtyEndpoint
 

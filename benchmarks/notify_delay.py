@@ -40,8 +40,8 @@ from aiohttp import web
 from benchmarks.harness import collector, percentiles, rig, wait_until
 from devices.base import Sample
 from devices.registry import get_model
+from devtools.localservices import find_free_port
 from gateway.config import AlarmsSection
-from gateway.localservices import find_free_port
 from simulators.serve import PtyEndpoint
 
 MODEL = "masimo-ascii1"

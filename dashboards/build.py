@@ -46,7 +46,7 @@ from grafana_foundation_sdk.models.text import TextMode
 
 from devices.base import DeviceState
 from gateway.alarms import PRIORITIES, AlarmProfile, Priority, ThresholdRule
-from gateway.records import STANDBY_MAX_S
+from gateway.envelope import STANDBY_MAX_S
 
 GENERATED_DIR = Path(__file__).parent / "generated"
 

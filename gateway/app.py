@@ -15,10 +15,7 @@ from gateway.backoff import Backoff
 from gateway.clock import ClockCheck
 from gateway.commands import CommandRouter
 from gateway.config import Config
-from gateway.delivery import SinkWorker
-from gateway.health import HealthServer
-from gateway.outbox import Outbox
-from gateway.records import (
+from gateway.envelope import (
     alarm_record,
     gateway_origin,
     gateway_status_record,
@@ -32,13 +29,16 @@ from gateway.records import (
     status_record,
     waveform_record,
 )
+from gateway.health import HealthServer
+from gateway.outbox import Outbox
 from gateway.session import DeviceSession
+from gateway.sink_worker import SinkWorker
 from gateway.sinks import SinkUnavailable
 from gateway.sinks.influx import InfluxSink
 from gateway.sinks.mqtt import MqttSink, RetainedState
 
 if TYPE_CHECKING:
-    from gateway.notify_worker import NotifyWorker
+    from gateway.notify.worker import NotifyWorker
 
 log = logging.getLogger(__name__)
 CLOCK_CHECK_S = 60.0
@@ -62,7 +62,7 @@ class Gateway:
         # Alarm notifications (docs/notifications.md): its own cursor; target URLs resolved here, before any port opens.
         self.notify: NotifyWorker | None = None
         if cfg.notify is not None:
-            from gateway.notify_worker import NotifyWorker  # Apprise is imported only where it is used
+            from gateway.notify.worker import NotifyWorker  # Apprise is imported only where it is used
 
             self.notify = NotifyWorker(self.outbox, cfg.notify, cfg.commands.silence_max_s)
         self.sessions = [DeviceSession(d, self._emit) for d in cfg.devices]

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from clients.room import cmd_ack, cmd_session, cmd_standby, parse_duration
 from devices.base import event_to_dict
 from devices.registry import MODELS, get_model
 from gateway.config import ConfigError, RedactingFilter, load_config
@@ -268,74 +269,15 @@ def _simulate_rooms(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from gateway.watch import watch_main
+    from clients.watch import watch_main
 
     return watch_main(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import demo_main
+    from devtools.demo import demo_main
 
     return demo_main(args)
-
-
-def _room_command(args: argparse.Namespace, **fields: object) -> int:
-    import uuid
-
-    from gateway.commands import command_payload
-    from gateway.sinks.mqtt import MqttError, request
-    from gateway.watch import mqtt_from_args
-
-    try:
-        mqtt, site = mqtt_from_args(args)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    if site == "+":
-        print(f"{args.command}: give --site or --config", file=sys.stderr)
-        return 2
-    command_id = uuid.uuid4().hex[:12]
-    topic = f"{mqtt.topic_prefix}/{site}/{args.room}/command"
-    payload = command_payload(id=command_id, **{k: v for k, v in fields.items() if v is not None})
-    try:
-        reply = json.loads(asyncio.run(request(mqtt, topic, payload, command_id, args.timeout)))
-    except TimeoutError:
-        print(f"{args.command}: no reply from a gateway within {args.timeout:g} s on {topic}", file=sys.stderr)
-        return 1
-    except MqttError as exc:
-        print(f"{args.command}: cannot reach the MQTT broker at {mqtt.host}:{mqtt.port}: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(reply))
-    return 0 if reply.get("ok") else 1
-
-
-def cmd_session(args: argparse.Namespace) -> int:
-    return _room_command(args, action=f"{args.action}_session", operator_role=args.role)
-
-
-def cmd_ack(args: argparse.Namespace) -> int:
-    action = "silence" if args.silence else "acknowledge"
-    return _room_command(args, action=action, alarm_id=args.alarm, operator_role=args.role, silence_s=args.silence)
-
-
-def parse_duration(text: str) -> float:
-    """`90s`, `45m`, `2h` or plain seconds: how long a room stays in standby."""
-    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
-    scale = units.get(text[-1:].lower(), 1.0)
-    number = text[:-1] if text[-1:].lower() in units else text
-    try:
-        seconds = float(number) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 45m, 2h)") from None
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"a duration must be positive: {text!r}")
-    return seconds
-
-
-def cmd_standby(args: argparse.Namespace) -> int:
-    if args.end:
-        return _room_command(args, action="end_standby", operator_role=args.role)
-    return _room_command(args, action="standby", operator_role=args.role, standby_s=args.duration)
 
 
 def cmd_dashboards(args: argparse.Namespace) -> int:
@@ -352,7 +294,7 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from gateway.records import schema_document
+    from gateway.envelope import schema_document
 
     print(json.dumps(schema_document(), indent=2))
     return 0

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ValidationError
 
 from gateway.config import CommandsSection
-from gateway.records import COMMAND_ID, CommandReply, DeviceCommand, RoomCommand, iso_utc
+from gateway.envelope import COMMAND_ID, CommandReply, DeviceCommand, RoomCommand, iso_utc
 from gateway.session import CommandRejected, DeviceSession
 
 log = logging.getLogger(__name__)

@@ -54,7 +54,7 @@ import aiomqtt
 
 from devices.base import Sample
 from devices.registry import get_model
-from gateway.localservices import HOST, Influxd, Mosquitto, ServiceUnavailable, find_free_port
+from devtools.localservices import HOST, Influxd, Mosquitto, ServiceUnavailable, find_free_port
 from simulators.serve import PtyEndpoint
 from tests.helpers import start_gateway, stop_gateway, write_gateway_config
 

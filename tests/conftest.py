@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.localservices import Influxd, Mosquitto, ServiceUnavailable
+from devtools.localservices import Influxd, Mosquitto, ServiceUnavailable
 from tests.helpers import PtyPair
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.localservices import find_free_port
+from devtools.localservices import find_free_port
 
 
 @dataclass(frozen=True)

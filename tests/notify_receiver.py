@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.localservices import find_free_port
+from devtools.localservices import find_free_port
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from influxdb_client.domain.write_precision import WritePrecision
 from influxdb_client.rest import ApiException
 
 from gateway.config import InfluxSection, redact, resolve_secret
-from gateway.records import parse_iso_ns
+from gateway.envelope import parse_iso_ns
 from gateway.sinks import ACCEPTED, Outcome, SinkUnavailable, WriteResult
 
 log = logging.getLogger(__name__)

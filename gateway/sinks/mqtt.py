@@ -19,8 +19,8 @@ from typing import Any, Self
 import aiomqtt
 
 from gateway.config import MqttSection, resolve_secret
+from gateway.envelope import device_topic, gateway_topic, iso_utc
 from gateway.errors import GatewayError
-from gateway.records import device_topic, gateway_topic, iso_utc
 from gateway.sinks import ACCEPTED, SinkUnavailable, WriteResult
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Apprise: the only module that imports it. It sends one message to one target and says how that went; what to
-send, when, and to whom is decided elsewhere (gateway/notify.py).
+send, when, and to whom is decided elsewhere (gateway/notify/policy.py).
 
 One Apprise object per target, loaded from its URL (a secret: it carries the service's token) when the sink is
 entered. Apprise reports whether a service took a message, not why it did not: a refused connection, a 500 and a

@@ -46,6 +46,7 @@ from dashboards.push import GrafanaPushError, main_build, push
 from dashboards.typecheck import PANEL_TYPES, source
 from devices.base import DeviceState, DeviceStatus, Reading
 from devices.registry import get_model
+from devtools.localservices import InfluxError
 from gateway.alarms import (
     ENDING,
     EXAMPLE_KETAMINE_PROFILE,
@@ -57,8 +58,7 @@ from gateway.alarms import (
     ThresholdRule,
     Transition,
 )
-from gateway.localservices import InfluxError
-from gateway.records import (
+from gateway.envelope import (
     alarm_record,
     gateway_origin,
     gateway_status_record,

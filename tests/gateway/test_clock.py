@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from devtools.localservices import find_free_port
 from gateway.clock import ClockCheck, ClockReading, exceeds
 from gateway.config import InfluxSection, SecretRef
-from gateway.localservices import find_free_port
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

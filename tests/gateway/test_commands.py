@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from gateway.commands import CommandLedger, CommandRouter, command_payload
 from gateway.config import CommandsSection, DeviceConfig
-from gateway.records import iso_utc
+from gateway.envelope import iso_utc
 from gateway.session import DeviceSession
 
 NOW = 1_800_000_000.0

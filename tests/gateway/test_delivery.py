@@ -18,9 +18,9 @@ import pytest
 from devices.base import Reading
 from devices.registry import get_model
 from gateway.config import InfluxSection, MqttSection
-from gateway.delivery import SinkWorker
+from gateway.envelope import origin_for, reading_record
 from gateway.outbox import Outbox
-from gateway.records import origin_for, reading_record
+from gateway.sink_worker import SinkWorker
 from gateway.sinks.influx import InfluxSink
 from gateway.sinks.mqtt import MqttSink, subscribe
 from tests.helpers import wait_for
@@ -117,7 +117,7 @@ async def test_an_influx_backlog_rendered_by_a_worker_process_is_stored_once_and
 KILLED_WHILE_RENDERING = """
 import asyncio, os, signal, sys
 from pathlib import Path
-from gateway.delivery import SinkWorker
+from gateway.sink_worker import SinkWorker
 from gateway.outbox import Outbox
 from gateway.sinks.influx import InfluxSink
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
+from devtools.localservices import find_free_port
 from gateway.app import Gateway
 from gateway.config import Config, GatewaySection, InfluxSection
 from gateway.health import HEADER_TIMEOUT_S, MAX_CONNECTIONS, HealthServer
-from gateway.localservices import find_free_port
 
 
 async def _status() -> dict[str, Any]:

@@ -17,7 +17,7 @@ from aiohttp import web
 from devices.base import DeviceState, DeviceStatus, Reading
 from devices.registry import get_model
 from gateway.config import InfluxSection, SecretRef
-from gateway.records import origin_for, reading_record, status_record
+from gateway.envelope import origin_for, reading_record, status_record
 from gateway.sinks import Outcome, SinkUnavailable
 from gateway.sinks.influx import InfluxSink, to_lines
 

@@ -15,7 +15,7 @@ from devices.base import DeviceState, DeviceStatus
 from devices.registry import get_model
 from gateway.alarms import AlarmEvent, Transition
 from gateway.config import MqttSection
-from gateway.records import alarm_record, origin_for, status_record
+from gateway.envelope import alarm_record, origin_for, status_record
 from gateway.sinks.mqtt import MqttSink, subscribe
 from tests.helpers import wait_for
 

@@ -1,4 +1,4 @@
-"""The Notifier (gateway/notify.py) driven through time: routing, the escalation chain, rate limits, standby, stale
+"""The Notifier (gateway/notify/policy.py) driven through time: routing, the escalation chain, rate limits, standby, stale
 marking, retries and its durable state. Records are built by the gateway's own alarm_record from AlarmEvents."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 
 from gateway.alarms import AlarmEvent, RoomModeEvent
 from gateway.config import NotifySection
-from gateway.notify import Notifier, Outgoing
-from gateway.records import alarm_record, room_mode_record, room_origin
+from gateway.envelope import alarm_record, room_mode_record, room_origin
+from gateway.notify.policy import Notifier, Outgoing
 
 T0 = 1_800_000_000.0
 URL = {"env": "UNUSED_IN_THESE_TESTS"}

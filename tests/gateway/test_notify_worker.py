@@ -17,9 +17,9 @@ import pytest
 
 from gateway.alarms import AlarmEvent
 from gateway.config import ConfigError, NotifySection
-from gateway.notify_worker import NotifyWorker
+from gateway.envelope import alarm_record
+from gateway.notify.worker import NotifyWorker
 from gateway.outbox import Outbox
-from gateway.records import alarm_record
 from tests.helpers import wait_for
 from tests.notify_receiver import Receiver
 

@@ -14,10 +14,10 @@ import pytest
 from rich.console import Console, RenderableType
 from rich.style import Style
 
+from clients.watch import PRIORITY_STYLE, Link, Wall, connection_banner, watch_main
+from devtools.localservices import find_free_port
 from gateway.alarms import AlarmProfile, ThresholdRule
-from gateway.localservices import find_free_port
-from gateway.records import iso_utc
-from gateway.watch import PRIORITY_STYLE, Link, Wall, connection_banner, watch_main
+from gateway.envelope import iso_utc
 
 OX = {"site": "s", "device": "ox", "model": "masimo-ascii1", "kind": "pulse_oximeter"}
 CUFF = {"site": "s", "device": "cuff", "model": "suntech-advantage", "kind": "nibp"}

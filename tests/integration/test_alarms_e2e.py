@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import MqttSection
-from gateway.records import AlarmMessage
+from gateway.envelope import AlarmMessage
 from gateway.sinks.mqtt import subscribe
 from simulators.serve import serve
 from tests.helpers import start_gateway, stop_gateway, wait_for

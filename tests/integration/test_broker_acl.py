@@ -4,7 +4,7 @@ The broker runs exactly deploy/mosquitto/mosquitto.conf with the passwd and acl 
 deploy/make-secrets.sh writes (here with `--owner none`: the files stay the test's, mode 0600). Substituted, each line
 asserted to occur exactly once in the shipped config: `listener 1883` becomes a free port on 127.0.0.1, and the
 `password_file`, `acl_file` and `persistence_location` paths point into the test's folder. `user root` goes first
-when the tests run as root, as for every test broker (gateway/localservices.py): mosquitto would otherwise drop to
+when the tests run as root, as for every test broker (devtools/localservices.py): mosquitto would otherwise drop to
 its own user, which cannot read the caller's 0600 files.
 
 A refused publish is dropped silently over MQTT 3.1.1 (what the gateway and the CLI speak): each refusal is proved by a
@@ -33,8 +33,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from devtools.localservices import Mosquitto, ServiceUnavailable
 from gateway.config import MqttSection, SecretRef
-from gateway.localservices import Mosquitto, ServiceUnavailable
 from gateway.sinks.mqtt import MqttSink, request
 
 REPO = Path(__file__).parent.parent.parent

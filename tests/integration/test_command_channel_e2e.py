@@ -20,9 +20,9 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from devtools.localservices import find_free_port
 from gateway.commands import command_payload
 from gateway.config import MqttSection
-from gateway.localservices import find_free_port
 from gateway.sinks.mqtt import request, subscribe
 from tests.helpers import health, start_gateway, stop_gateway, wait_for
 from tests.integration.test_gateway_e2e import write_config

@@ -12,10 +12,10 @@ from typing import Any
 
 from rich.console import Console
 
+from clients.watch import run_watch
 from dashboards.build import _active_alarms_query
-from gateway.demo import DATABASE, ROOMS, SITE, running_demo
+from devtools.demo import DATABASE, ROOMS, SITE, running_demo
 from gateway.sinks.mqtt import subscribe
-from gateway.watch import run_watch
 from tests.helpers import wait_for
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from gateway.localservices import find_free_port
+from devtools.localservices import find_free_port
 from tests.helpers import fill, health, stop_gateway, wait_for
 from tests.integration.test_gateway_e2e import write_config
 from tests.integration.test_reliability import (

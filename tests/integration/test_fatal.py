@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.localservices import find_free_port
+from devtools.localservices import find_free_port
 from gateway.preflight import EXIT_CONFIG, EXIT_STORAGE
 
 CLOSED = 9  # discard: nothing listens on it on a test machine

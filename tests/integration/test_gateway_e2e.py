@@ -17,9 +17,9 @@ from typing import Any
 
 from devices.base import Reading
 from devices.registry import get_model
+from devtools.localservices import find_free_port
 from gateway.config import MqttSection
-from gateway.localservices import find_free_port
-from gateway.records import GatewayStatusMessage, ReadingMessage, StatusMessage
+from gateway.envelope import GatewayStatusMessage, ReadingMessage, StatusMessage
 from gateway.sinks.mqtt import subscribe
 from simulators.scenarios import load_scenario
 from simulators.serve import DeviceSimulator, PtyEndpoint

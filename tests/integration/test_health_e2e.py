@@ -22,9 +22,9 @@ from typing import Any
 
 from devices.base import Reading
 from devices.registry import get_model
-from gateway.localservices import Influxd, Mosquitto, find_free_port
+from devtools.localservices import Influxd, Mosquitto, find_free_port
+from gateway.envelope import origin_for, reading_record
 from gateway.outbox import Outbox
-from gateway.records import origin_for, reading_record
 from simulators.scenarios import load_scenario
 from simulators.serve import DeviceSimulator, PtyEndpoint
 from tests.helpers import stop_gateway, wait_for, write_gateway_config

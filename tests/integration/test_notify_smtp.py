@@ -28,12 +28,12 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from devtools.localservices import find_free_port
 from gateway.alarms import AlarmEvent
 from gateway.config import NotifySection
-from gateway.localservices import find_free_port
-from gateway.notify_worker import NotifyWorker
+from gateway.envelope import alarm_record
+from gateway.notify.worker import NotifyWorker
 from gateway.outbox import Outbox
-from gateway.records import alarm_record
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -26,9 +26,9 @@ import pytest
 from devices.base import Reading
 from devices.registry import get_model
 from gateway.config import InfluxSection, MqttSection
-from gateway.delivery import SinkWorker
+from gateway.envelope import origin_for, reading_record
 from gateway.outbox import Outbox
-from gateway.records import origin_for, reading_record
+from gateway.sink_worker import SinkWorker
 from gateway.sinks.influx import InfluxSink
 from gateway.sinks.mqtt import MqttSink, subscribe
 from tests.helpers import wait_for

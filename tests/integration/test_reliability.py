@@ -25,7 +25,7 @@ import aiomqtt
 
 from devices.base import Sample
 from devices.registry import get_model
-from gateway.localservices import Influxd, Mosquitto
+from devtools.localservices import Influxd, Mosquitto
 from simulators.serve import PtyEndpoint
 from tests.helpers import start_gateway, stop_gateway, wait_for
 from tests.integration.test_gateway_e2e import write_config

@@ -18,7 +18,7 @@ import pytest
 import serial
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.localservices import (
+from devtools.localservices import (
     Influxd,
     InfluxError,
     Mosquitto,
@@ -197,7 +197,7 @@ def alive(pid: int) -> bool:
 def test_services_die_with_their_parent(tmp_path: Path) -> None:
     """A test run killed with SIGKILL must not leave brokers and databases behind (mosquitto as root too)."""
     script = (
-        "import sys, time; from pathlib import Path; from gateway.localservices import Influxd, Mosquitto\n"
+        "import sys, time; from pathlib import Path; from devtools.localservices import Influxd, Mosquitto\n"
         "m = Mosquitto(Path(sys.argv[1]) / 'm'); m.start(); i = Influxd(Path(sys.argv[1]) / 'i'); i.start()\n"
         "print(m._proc.pid, i._proc.pid, flush=True); time.sleep(60)\n"
     )

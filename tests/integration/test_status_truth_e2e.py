@@ -20,7 +20,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from gateway.localservices import find_free_port
+from devtools.localservices import find_free_port
 from simulators.serve import serve
 from tests.helpers import health, start_gateway, stop_gateway, wait_for, write_gateway_config
 

@@ -12,12 +12,12 @@ from typing import Any
 
 from rich.console import Console, RenderableType
 
+from clients.watch import run_watch
+from devtools.localservices import Mosquitto
 from gateway.backoff import Backoff
 from gateway.config import MqttSection
-from gateway.localservices import Mosquitto
-from gateway.records import iso_utc
+from gateway.envelope import iso_utc
 from gateway.sinks.mqtt import make_client
-from gateway.watch import run_watch
 from tests.helpers import wait_for
 
 OX = {"v": 1, "site": "e2e", "room": "4", "device": "ox", "model": "masimo-ascii1", "kind": "pulse_oximeter"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from devices.base import Reading
 from devices.registry import get_model
-from gateway.localservices import find_free_port
+from devtools.localservices import find_free_port
 from simulators.serve import RoomDevice, serve_room
 from tests.helpers import wait_for
 

@@ -357,7 +357,7 @@ class Influxd(_Service):
         data = self.workdir / "data"
         conf = self.workdir / "influxdb.conf"
         conf.write_text(
-            f"""# Written by gateway.localservices: loopback only, data here, every listener but HTTP off.
+            f"""# Written by devtools.localservices: loopback only, data here, every listener but HTTP off.
 reporting-disabled = true
 reporting-enabled = false  # Debian's patched name for the same switch
 bind-address = "{self.host}:{self.rpc_port}"

@@ -1,5 +1,5 @@
-"""The notify sink's worker: the outbox's `notify` cursor into the Notifier (gateway/notify.py), and what it decides
-out through the Apprise adapter (gateway/sinks/notify.py), one sending task per target.
+"""The notify sink's worker: the outbox's `notify` cursor into the Notifier (gateway/notify/policy.py), and sends what
+it decides through the Apprise adapter (gateway/sinks/notify.py), one sending task per target.
 
 Why not a SinkWorker like mqtt and influx: a notification is not a record. One alarm record becomes messages for
 several targets, escalation steps come from time rather than from records, and a storm is folded into one summary.
@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from gateway.config import NotifySection, register_secret, resolve_secret
-from gateway.notify import Notifier, Pending
+from gateway.notify.policy import Notifier, Pending
 from gateway.outbox import Item, Outbox, retryable
 from gateway.sinks import Outcome
 from gateway.sinks.notify import NotifySink

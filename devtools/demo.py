@@ -26,11 +26,11 @@ from pathlib import Path
 
 from rich.console import Console
 
+from clients.watch import run_watch
 from devices.registry import get_model
+from devtools.localservices import Influxd, Mosquitto, ServiceUnavailable
 from gateway.app import Gateway
 from gateway.config import Config
-from gateway.localservices import Influxd, Mosquitto, ServiceUnavailable
-from gateway.watch import run_watch
 from simulators.scenarios import load_scenario
 from simulators.serve import DeviceSimulator, PtyEndpoint
 

@@ -34,7 +34,7 @@ from rich.text import Text
 from gateway.alarms import EXAMPLE_KETAMINE_PROFILE, AlarmProfile, Priority
 from gateway.backoff import Backoff
 from gateway.config import ConfigError, MqttSection, SecretRef, load_config
-from gateway.records import parse_iso_ns
+from gateway.envelope import parse_iso_ns
 
 STALE_AFTER_S = 5.0
 HEALTHY = {"ok", "connected"}

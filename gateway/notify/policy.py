@@ -1,6 +1,6 @@
 """Alarm notifications, decided: which alarm records reach which targets, when an unacknowledged alarm escalates,
 how a storm becomes one summary, and what a message says. Pure: it knows time only through `now` and sends nothing
-(gateway/notify_worker.py feeds it the outbox's records and sends what it says through gateway/sinks/notify.py), so
+(gateway/notify/worker.py feeds it the outbox's records and sends what it says through gateway/sinks/notify.py), so
 tests drive it through hours of escalations in microseconds.
 
 What it does (docs/notifications.md):
