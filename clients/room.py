@@ -14,7 +14,7 @@ import uuid
 from clients.watch import mqtt_from_args
 from gateway.commands import command_payload
 from gateway.config import ConfigError
-from gateway.sinks.mqtt import MqttError, request
+from gateway.sinks.mqtt import BrokerError, request
 
 
 def _room_command(args: argparse.Namespace, **fields: object) -> int:
@@ -34,7 +34,7 @@ def _room_command(args: argparse.Namespace, **fields: object) -> int:
     except TimeoutError:
         print(f"{args.command}: no reply from a gateway within {args.timeout:g} s on {topic}", file=sys.stderr)
         return 1
-    except MqttError as exc:
+    except BrokerError as exc:
         print(f"{args.command}: cannot reach the MQTT broker at {mqtt.host}:{mqtt.port}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(reply))

@@ -344,7 +344,7 @@ async def _follow(
     mqtt: MqttSection, topics: list[str], identifier: str, wall: Wall, link: Link, backoff: Backoff
 ) -> None:
     """Subscribe, feed the wall, and on any loss of the broker retry with backoff, forever."""
-    from gateway.sinks.mqtt import MqttError, subscribe
+    from gateway.sinks.mqtt import BrokerError, subscribe
 
     while True:
         try:
@@ -355,7 +355,7 @@ async def _follow(
                 async for topic, payload in messages:
                     wall.apply(topic, payload)
             error = "the broker closed the connection"
-        except MqttError as exc:
+        except BrokerError as exc:
             error = str(exc) or type(exc).__name__
         delay = backoff.next()
         link.down(error, delay)
@@ -372,7 +372,7 @@ async def run_watch(
     on_frame: Callable[[RenderableType], None] | None = None,
     backoff: Backoff | None = None,
 ) -> Wall:
-    """`once`: collect for that many seconds, print the wall, return (MqttError when the broker is unreachable).
+    """`once`: collect for that many seconds, print the wall, return (BrokerError when the broker is unreachable).
     Otherwise draw the wall live until cancelled, riding out broker outages; every frame also goes to `on_frame`."""
     from gateway.sinks.mqtt import subscribe
 
@@ -454,7 +454,7 @@ def mqtt_from_args(args: argparse.Namespace) -> tuple[MqttSection, str]:
 
 
 def watch_main(args: argparse.Namespace) -> int:
-    from gateway.sinks.mqtt import MqttError
+    from gateway.sinks.mqtt import BrokerError
 
     try:
         mqtt, site, profile = _settings(args)
@@ -465,7 +465,7 @@ def watch_main(args: argparse.Namespace) -> int:
         asyncio.run(run_watch(mqtt, site, args.once, Console(), profile=profile))
     except KeyboardInterrupt:
         pass
-    except MqttError as exc:
+    except BrokerError as exc:
         print(
             f"watch: cannot reach the MQTT broker at {mqtt.host}:{mqtt.port}: {exc} "
             "(is it running? give its address with --host/--port or --config)",

@@ -311,9 +311,6 @@ class BrokerError(GatewayError):
     """The MQTT broker could not be reached, or the link was lost (for the CLI, watch and tests)."""
 
 
-MqttError = BrokerError  # the name callers use
-
-
 async def request(cfg: MqttSection, topic: str, payload: bytes, command_id: str, timeout_s: float = 10.0) -> bytes:
     """Publish a command and wait for the gateway's reply with the same id (the CLI's `session` and `ack`)."""
     try:
