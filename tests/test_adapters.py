@@ -1,6 +1,6 @@
-"""One adapter per outside library: each is imported by the module(s) named here and nowhere else in the service
-(`gateway`, `devices`, `simulators`, `dashboards`), so its errors are turned into ours in one place. Benchmarks that
-measure a library's own limits and tests may import them directly."""
+"""One adapter per outside library: each is imported by the module(s) named here and nowhere else in the tree
+(`gateway`, `devices`, `simulators`, `dashboards`, `clients`, `devtools`), so its errors are turned into ours in one
+place. Benchmarks that measure a library's own limits and tests may import them directly."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-PACKAGES = ("gateway", "devices", "simulators", "dashboards")
+PACKAGES = ("gateway", "devices", "simulators", "dashboards", "clients", "devtools")
 ADAPTERS: dict[str, set[str]] = {
     "aiomqtt": {"gateway/sinks/mqtt.py"},
     "paho": set(),
