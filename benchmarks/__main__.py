@@ -1,7 +1,8 @@
 """`make bench`: every benchmark in one run on this machine; prints a table and writes benchmarks/results/*.json.
 
 Figures, not tests: nothing here passes or fails. Each gateway figure is set against the raw limit measured in the
-same run and against the peer (a Node-RED flow, figures from issue 7).
+same run, and against the peer (the Node-RED flow in benchmarks/peer/) only in the side-by-side table, where both ran
+alternately in this same run (benchmarks/sidebyside.py): no figure of another run or machine is divided by.
 """
 
 from __future__ import annotations
@@ -15,15 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import decode, delays, drain, latency, limits, load, mixed, notify_delay
-
-PEER = {  # Node-RED flow: gateway CPU % of a core, steady RSS MB (issue 7)
-    10: (3.8, 98),
-    50: (13, 109),
-    100: (21, 140),
-    200: (33, 145),
-}
-PEER_LATENCY_P99_MS = 4.0  # the peer's p99, 3-4 ms: the upper end
+from benchmarks import decode, delays, drain, latency, limits, load, mixed, notify_delay, sidebyside
 
 
 def _tmp() -> Path:
@@ -34,6 +27,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shorter windows (a smoke run, not figures to publish)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--side-by-side-only", action="store_true", help="only the side-by-side table (about 40 min; --quick: 12)"
+    )
     args = parser.parse_args()
     window = 10 if args.quick else 30
     results: dict[str, Any] = {
@@ -44,6 +40,11 @@ def main() -> None:
         },
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    # First, while the machine is as quiet as it will be: the peer and the gateway alternately, ratios of this run.
+    results["sidebyside"] = side = sidebyside.run_cli(args.quick, None, 3, [100, 200], 1000)
+    if args.side_by_side_only:
+        _write(args.out, results)
+        return
     print("decode throughput")
     results["decode"] = decode.run()
     for row in results["decode"]:
@@ -60,15 +61,11 @@ def main() -> None:
     results["load"] = []
     for n in (10, 50, 100, 200):
         row = asyncio.run(load.measure(_tmp(), [(str(i), "oximeter", "masimo-ascii1") for i in range(n)], 5, window))
-        peer_cpu, peer_rss = PEER[n]
-        row["cpu_vs_peer"] = round(row["gateway_cpu_pct"] / peer_cpu, 2)
-        row["rss_vs_peer"] = round(row["gateway_rss_mb_steady"] / peer_rss, 2)
         row["mqtt_share_of_limit"] = round(n / lim["mqtt_qos1_sequential_per_s"], 4)
         results["load"].append(row)
         print(
-            f"  N={n:3}: gateway {row['gateway_cpu_pct']:5}% CPU ({row['cpu_vs_peer']}x peer), "
-            f"RSS {row['gateway_rss_mb_steady']} MB steady / {row['gateway_rss_mb_peak']} peak "
-            f"({row['rss_vs_peer']}x peer), "
+            f"  N={n:3}: gateway {row['gateway_cpu_pct']:5}% CPU, "
+            f"RSS {row['gateway_rss_mb_steady']} MB steady / {row['gateway_rss_mb_peak']} peak, "
             f"influxd {row['influxd_cpu_pct']}%, mosquitto {row['mosquitto_cpu_pct']}%, "
             f"counted {row['on_mqtt']}/{row['lines_sent']} MQTT {row['in_influx']}/{row['lines_sent']} InfluxDB"
         )
@@ -82,13 +79,12 @@ def main() -> None:
     )
     print("latency: pty write of the frame's last byte -> MQTT subscriber (durable first)")
     print(f"  floor (bare relay, no decode, no durability): p50 {lim['relay_latency_p50_ms']} ms, "
-          f"p99 {lim['relay_latency_p99_ms']} ms; peer p99 {PEER_LATENCY_P99_MS} ms")  # fmt: skip
+          f"p99 {lim['relay_latency_p99_ms']} ms")  # fmt: skip
     results["latency"] = []
     for burst in (False, True):
         for n in (10, 100):
             row = asyncio.run(latency.measure(_tmp(), n, window if not burst else window * 2 / 3, burst))
             for kind in ("reading", "alarm"):
-                row[kind]["p99_vs_peer"] = round(row[kind]["p99_ms"] / PEER_LATENCY_P99_MS, 2)
                 row[kind]["p99_vs_floor"] = round(row[kind]["p99_ms"] / lim["relay_latency_p99_ms"], 1)
             results["latency"].append(row)
             print(f"  N={n:3} {row['mode']:6}: reading {row['reading']}  alarm {row['alarm']}")
@@ -106,11 +102,16 @@ def main() -> None:
         f"MQTT {row['mqtt_readings_per_s']} readings/s "
         f"({round(row['mqtt_readings_per_s'] / lim['mqtt_qos1_100_in_flight_per_s'], 3)} of the raw limit), "
         f"live meanwhile {row['live_during_drain']} "
-        f"(p99 {round(row['live_during_drain']['p99_ms'] / PEER_LATENCY_P99_MS, 2)}x the peer's 4 ms; while InfluxDB "
-        f"drains {row['live_while_influx_drains']}, after {row['live_after_influx_drained']})"
+        f"(while InfluxDB drains {row['live_while_influx_drains']}, after {row['live_after_influx_drained']})"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"bench-{results['started'].replace(':', '')}.json"
+    print("the side-by-side table again (measured first in this run):")
+    print(sidebyside.report(side))
+    _write(args.out, results)
+
+
+def _write(out: Path, results: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench-{results['started'].replace(':', '')}.json"
     path.write_text(json.dumps(results, indent=2))
     print(f"wrote {path}")
 
