@@ -1,31 +1,45 @@
 #!/bin/sh
-# Secrets for docker compose and the broker's accounts (docs/deploy.md, "Broker accounts and ACL").
+# Site settings, secrets and certificates for the two compose roles (docs/deploy.md), all outside the repository so
+# that `git pull` never touches them. Run as root on the central server.
 #
-#  1. .env: written once from .env.example with random credentials (mode 0600); kept by later runs.
-#  2. One MQTT account per role, each with a random password kept in .env (added when missing, never changed):
-#       gateway-<id>       one per gateway: reads and writes everything under <prefix>/<site>/ (readings, statuses,
-#                          alarms, the retained topics, its last will, command replies). Password: MQTT_PASSWORD for
-#                          the first gateway (this PC's), MQTT_PASSWORD_GATEWAY_<ID> for the others.
-#       reader-<n>         screens, `watch` terminals, integrations: read <prefix>/<site>/# only.
-#       nurse-station-<n>  publish commands only (room and device command topics); read <prefix>/<site>/#.
-#       health             compose's broker health check: $SYS/broker/uptime only.
-#     The broker uses each account's name as its client id (use_username_as_clientid): two programs sharing an
-#     account kick each other off, so give every screen, station and gateway its own.
-#  3. <out>/passwd (hashed by mosquitto_passwd, which reads each password from stdin: no password is ever on a
-#     command line) and <out>/acl, both rewritten whole on every run, mode 0600 and owned by the broker's user
-#     (mosquitto opens them after dropping root).
+#   deploy/make-secrets.sh central [--dir DIR] [--site SITE] [--server-name NAME]... [--bind ADDRESS]
+#                                  [--gateway ID]... [--readers N] [--nurse-stations N] [--prefix PREFIX]
+#                                  [--simulated] [--owners none]
+#   deploy/make-secrets.sh room --gateway ID [--dir DIR] [--bundle FILE] [--owners none]
 #
-# Usage: deploy/make-secrets.sh [--site SITE] [--prefix PREFIX] [--gateway ID]... [--readers N]
-#                               [--nurse-stations N] [--env FILE] [--out DIR] [--owner UID:GID|none]
-#   --site            default: SITE from .env
-#   --prefix          MQTT topic prefix, default infusion
-#   --gateway         repeatable; default: the ids in deploy/gateway.toml and deploy/gateway-sim.toml
-#   --readers, --nurse-stations   how many accounts of each (default 1 each; 0 for none)
-#   --env             default: .env in the repository root
-#   --out             default: deploy/mosquitto (docker compose mounts it at /mosquitto/config)
-#   --owner           owner of passwd and acl; default 1883:1883, the mosquitto user of the eclipse-mosquitto image
-#                     (Debian's broker: mosquitto:mosquitto). Set as root, or with docker when not root.
-#                     "none" leaves them to the caller (a broker running as the caller).
+# central: writes (or completes) the site folder DIR (default /etc/infusion-telemetry):
+#   compose.env            settings for docker compose, no secret in it (COMPOSE_FILE=docker-compose.yml, SITE, the
+#                          server's names, BIND_ADDRESS); written once, edit it afterwards
+#   accounts.conf          the accounts of the last run (gateways, readers, nurse stations, simulated)
+#   passwords.env          every generated password (0600 root): kept across runs, a new one for each new account
+#   tls/ca.key, ca.crt     a small clinic CA (10 years), created once; ca.crt goes to every room PC and screen
+#   mosquitto/             passwd (hashed), acl, server.crt/key, ca.crt, health/mosquitto_sub (the health check's
+#                          login, read from a file): owned by the broker's user 1883
+#   influxdb/              admin-password, admin-token (root: the image's entrypoint reads them before dropping
+#                          root), tls.crt/key (owned by influxd's user 1000)
+#   grafana/               admin-password, tls.crt/key (owned by Grafana's user 472)
+#   tokens/                filled by InfluxDB at its first start (deploy/influxdb/init-tokens.sh): gateways.token
+#                          (write-only, owned by the gateway's user 10001), grafana.token (read-only, owned by 472)
+#   gateway-sim/           with --simulated: the simulated gateway's MQTT password (owned by 10001)
+#   dashboards/            the generated dashboards Grafana shows (a copy of the shipped ones the first time)
+#   Every secret file is mode 0600 and owned by the service that reads it; the server certificates (2 years) are
+#   issued again on every run, for the names given with --server-name (repeatable; the first is the name room PCs
+#   use) plus the service's compose name and localhost (the health checks). Passwords never appear on a command line:
+#   mosquitto_passwd reads them from stdin, the rest is written by the shell's printf.
+#   The broker accounts (one each, the client id is the account: docs/deploy.md, "Broker accounts and ACL"):
+#     gateway-<id>       one per room PC (--gateway, the room PC's host name): reads and writes its site
+#     reader-<n>         screens, watch terminals, integrations: read the site
+#     nurse-station-<n>  room and device commands only; read the site
+#     health             the broker's health check: $SYS/broker/uptime only
+#   Without --gateway/--readers/--nurse-stations/--simulated, the accounts of the last run are kept; with them, the
+#   accounts are exactly those given (passwd and acl are rewritten whole: an account no longer given is gone).
+#
+# room: on the central server, after its first start, a bundle for one room PC (--bundle, default ./room-<ID>.tar,
+#   mode 0600) to unpack as root into the room PC's /etc/infusion-telemetry (`tar -xpf FILE -C DIR`): compose.env
+#   (COMPOSE_FILE=docker-compose.room.yml, GATEWAY_ID, SITE, CENTRAL_HOST), gateway.toml (the template deploy/gateway.toml),
+#   tls/ca.crt and secrets/mqtt-password, secrets/influx-token (0600, owned by the gateway's user 10001).
+#
+# --owners none leaves every file to the caller (tests, or a broker running as the caller); otherwise run as root.
 set -eu
 start=$(pwd)
 cd "$(dirname "$0")/.."
@@ -37,80 +51,235 @@ abspath() { case $1 in /*) echo "$1" ;; *) echo "$start/$1" ;; esac; }
 rand() { head -c 24 /dev/urandom | base64 | tr -d '/+=\n'; }
 name_ok() { printf '%s' "$1" | grep -Eq '^[a-z0-9][a-z0-9_-]{0,31}$'; }
 count_ok() { printf '%s' "$1" | grep -Eq '^[0-9]{1,2}$'; }
-toml_id() { sed -n 's/^id *= *"\([^"]*\)".*/\1/p' "$1" | head -n 1; }
+key_of() { printf 'MQTT_PASSWORD_%s' "$(printf '%s' "$1" | tr 'a-z-' 'A-Z_')"; }
 
-site="" prefix="infusion" gateways="" readers=1 nurses=1 env="$repo/.env" out="$repo/deploy/mosquitto" owner="1883:1883"
+MOSQUITTO_UID=1883 INFLUXDB_UID=1000 GRAFANA_UID=472 GATEWAY_UID=10001
+
+[ $# -ge 1 ] || die "give a role: central or room (see the comment at the top of $0)"
+role=$1
+shift
+case $role in central|room) ;; *) die "unknown role '$role': central or room" ;; esac
+
+dir=/etc/infusion-telemetry site="" prefix="" bind="" names="" gateways="" readers="" nurses="" simulated=""
+owners=root bundle=""
 while [ $# -gt 0 ]; do
+  case $1 in
+    --simulated) simulated=yes; shift; continue ;;
+  esac
   [ $# -ge 2 ] || die "$1 needs a value"
   case $1 in
+    --dir) dir=$(abspath "$2") ;;
     --site) site=$2 ;;
     --prefix) prefix=$2 ;;
+    --bind) bind=$2 ;;
+    --server-name) names="$names $2" ;;
     --gateway) gateways="$gateways $2" ;;
     --readers) readers=$2 ;;
     --nurse-stations) nurses=$2 ;;
-    --env) env=$(abspath "$2") ;;
-    --out) out=$(abspath "$2") ;;
-    --owner) owner=$2 ;;
+    --owners) owners=$2 ;;
+    --bundle) bundle=$(abspath "$2") ;;
     *) die "unknown option $1 (see the comment at the top of $0)" ;;
   esac
   shift 2
 done
+case $owners in
+  none) ;;
+  root) [ "$(id -u)" = 0 ] || die "run me as root (the files belong to the services' users), or --owners none" ;;
+  *) die "--owners takes only 'none'" ;;
+esac
 
-if [ ! -f "$env" ]; then
-  # printf is built into the shell: the values never appear on a command line (sed -e would show them).
-  while IFS= read -r line; do
-    case $line in
-      MQTT_PASSWORD*=*) ;;  # added below, one line per account
-      INFLUX_ADMIN_PASSWORD=*) printf 'INFLUX_ADMIN_PASSWORD=%s\n' "$(rand)" ;;
-      INFLUX_TOKEN=*) printf 'INFLUX_TOKEN=%s%s\n' "$(rand)" "$(rand)" ;;
-      GRAFANA_ADMIN_PASSWORD=*) printf 'GRAFANA_ADMIN_PASSWORD=%s\n' "$(rand)" ;;
-      *) printf '%s\n' "$line" ;;
-    esac
-  done < .env.example > "$env"
-  echo "wrote $env (edit SITE, TZ and the device paths)"
+give() {  # give OWNER MODE FILE...: each file to the service that reads it
+  owner=$1 mode=$2
+  shift 2
+  chmod "$mode" "$@"
+  if [ "$owners" != none ]; then chown "$owner" "$@"; fi
+}
+folder() { (umask 022 && mkdir -p "$@"); }  # 0755: each service must be able to enter its own
+
+# --- room: a bundle for one room PC --------------------------------------------------------------------------------
+
+if [ "$role" = room ]; then
+  set -- $gateways
+  [ $# = 1 ] || die "room needs exactly one --gateway ID (the room PC's host name)"
+  id=$1
+  [ -f "$dir/compose.env" ] && [ -f "$dir/passwords.env" ] || die "no central site in $dir: run '$0 central' first"
+  . "$dir/compose.env"
+  . "$dir/passwords.env"
+  key=$(key_of "gateway-$id")
+  eval "password=\${$key:-}"
+  [ -n "$password" ] || die "gateway '$id' has no account: run '$0 central --gateway $id ...' (with every gateway)"
+  [ -s "$dir/tokens/gateways.token" ] || die "no $dir/tokens/gateways.token yet: start the central role once \
+(docker compose up -d): InfluxDB writes the gateways' token at its first start"
+  stage=$(mktemp -d)
+  trap 'rm -rf "$stage"' EXIT
+  folder "$stage/tls" "$stage/secrets"
+  cp "$dir/tls/ca.crt" "$stage/tls/ca.crt"
+  cp "$repo/deploy/gateway.toml" "$stage/gateway.toml"
+  {
+    echo "# Room PC $id of site $SITE (deploy/make-secrets.sh room). docs/deploy.md, \"A room PC\"."
+    echo "# The role's compose file; a site's own override goes after it, in this folder (docs/deploy.md, \"Upgrades\"):"
+    echo "# COMPOSE_FILE=docker-compose.room.yml:/etc/infusion-telemetry/compose.override.yml"
+    echo "COMPOSE_FILE=docker-compose.room.yml"
+    echo "SITE=$SITE"
+    echo "GATEWAY_ID=$id"
+    echo "CENTRAL_HOST=$SERVER_NAME"
+    echo "INFLUX_ORG=$INFLUX_ORG"
+    echo "TZ=$TZ"
+    echo "SITE_DIR=/etc/infusion-telemetry"
+  } > "$stage/compose.env"
+  printf '%s\n' "$password" > "$stage/secrets/mqtt-password"
+  cp "$dir/tokens/gateways.token" "$stage/secrets/influx-token"
+  give 0:0 644 "$stage/tls/ca.crt" "$stage/gateway.toml" "$stage/compose.env"
+  give "$GATEWAY_UID:$GATEWAY_UID" 600 "$stage/secrets/mqtt-password" "$stage/secrets/influx-token"
+  [ -n "$bundle" ] || bundle="$start/room-$id.tar"
+  tar --numeric-owner -C "$stage" -cf "$bundle" compose.env gateway.toml tls secrets
+  chmod 600 "$bundle"
+  echo "wrote $bundle for room PC $id: copy it there and unpack as root into /etc/infusion-telemetry (docs/deploy.md)"
+  exit 0
 fi
-chmod 600 "$env"
-. "$env"
 
-[ -n "$site" ] || site=${SITE:-}
-name_ok "$site" || die "site '$site' is not a valid name (lower-case letters, digits, - and _; give --site or SITE in .env)"
+# --- central: settings ---------------------------------------------------------------------------------------------
+
+folder "$dir"
+if [ -f "$dir/compose.env" ]; then
+  . "$dir/compose.env"
+  [ -z "$site" ] || [ "$site" = "$SITE" ] || die "$dir/compose.env is for site $SITE, not $site: edit it there"
+  site=$SITE
+  [ -z "$names" ] || [ "$(echo $names)" = "$(echo $SERVER_NAMES)" ] || die "the server names are SERVER_NAMES in \
+$dir/compose.env: edit them there (SERVER_NAME first), then run me again without --server-name"
+  [ -z "$bind" ] || [ "$bind" = "$BIND_ADDRESS" ] || die "the address is BIND_ADDRESS in $dir/compose.env: edit it there"
+  names=$SERVER_NAMES
+else
+  [ -n "$site" ] || die "give --site SITE (lower-case letters, digits, - and _)"
+  name_ok "$site" || die "site '$site' is not a valid name (lower-case letters, digits, - and _)"
+  [ -n "$names" ] || names=$(hostname -f 2>/dev/null || hostname)
+  names=$(echo $names)
+  [ -n "$bind" ] || die "give --bind ADDRESS: the central server's address on the clinic network (its ports listen there)"
+  set -- $names
+  {
+    echo "# The central server of site $site (deploy/make-secrets.sh central). No secret here: they are files in this"
+    echo "# folder. docker compose --env-file $dir/compose.env up -d   (docs/deploy.md, \"The central server\")"
+    echo "# The role's compose file; a site's own override goes after it, in this folder (docs/deploy.md, \"Upgrades\"):"
+    echo "# COMPOSE_FILE=docker-compose.yml:$dir/compose.override.yml"
+    echo "COMPOSE_FILE=docker-compose.yml"
+    echo "# \"simulated\" adds two simulated rooms and their gateway (a trial; make-secrets.sh central --simulated)"
+    echo "COMPOSE_PROFILES=${simulated:+simulated}"
+    echo "SITE=$site"
+    echo "# The name room PCs and screens use for this server (its certificates carry every name of SERVER_NAMES)."
+    echo "SERVER_NAME=$1"
+    echo "SERVER_NAMES=\"$names\""
+    echo "# The address the broker (8883), InfluxDB (8086) and Grafana (3000) listen on: the clinic network's, never 0.0.0.0"
+    echo "# on a server that also faces another network."
+    echo "BIND_ADDRESS=$bind"
+    echo "INFLUX_ORG=clinic"
+    echo "TZ=UTC"
+    echo "SITE_DIR=$dir"
+    echo "DASHBOARDS_DIR=$dir/dashboards"
+  } > "$dir/compose.env"
+  chmod 644 "$dir/compose.env"
+  echo "wrote $dir/compose.env (check TZ)"
+  . "$dir/compose.env"
+fi
+for name in $names; do
+  printf '%s' "$name" | grep -Eq '^[A-Za-z0-9.-]+$' || die "server name '$name' is not a host name or an IPv4 address"
+done
+
+# The accounts: those given now, else those of the last run.
+if [ -f "$dir/accounts.conf" ]; then . "$dir/accounts.conf"; fi
+[ -n "$gateways" ] || gateways=${GATEWAYS:-}
+[ -n "$readers" ] || readers=${READERS:-1}
+[ -n "$nurses" ] || nurses=${NURSES:-1}
+[ -n "$simulated" ] || simulated=${SIMULATED:-}
+[ -n "$prefix" ] || prefix=${PREFIX:-infusion}
 printf '%s' "$prefix" | grep -Eq '^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$' || die "topic prefix '$prefix' is not valid"
-if [ -z "$gateways" ]; then
-  gateways="$(toml_id deploy/gateway.toml) $(toml_id deploy/gateway-sim.toml)"
-fi
 count_ok "$readers" || die "--readers takes a number (0-99)"
 count_ok "$nurses" || die "--nurse-stations takes a number (0-99)"
+[ -n "$gateways$simulated" ] || die "no gateway: give --gateway ID (each room PC's host name), or --simulated"
+gateways=$(echo $gateways)
+printf 'GATEWAYS="%s"\nREADERS=%s\nNURSES=%s\nSIMULATED=%s\nPREFIX=%s\n' \
+  "$gateways" "$readers" "$nurses" "$simulated" "$prefix" > "$dir/accounts.conf"
 
-# account role .env-key, one line each; the first gateway's password is MQTT_PASSWORD.
-accounts=""
-first=yes
+accounts=""  # "account role" lines
 for id in $gateways; do
   name_ok "$id" || die "gateway id '$id' is not a valid name (lower-case letters, digits, - and _)"
-  if [ $first = yes ]; then key=MQTT_PASSWORD; first=no; else key=MQTT_PASSWORD_GATEWAY_$(echo "$id" | tr 'a-z-' 'A-Z_'); fi
   accounts="$accounts
-gateway-$id gateway $key"
+gateway-$id gateway"
 done
-[ $first = no ] || die "no gateway: give --gateway ID"
+[ -z "$simulated" ] || accounts="$accounts
+gateway-sim-gw gateway"
 n=1; while [ "$n" -le "$readers" ]; do accounts="$accounts
-reader-$n reader MQTT_PASSWORD_READER_$n"; n=$((n + 1)); done
+reader-$n reader"; n=$((n + 1)); done
 n=1; while [ "$n" -le "$nurses" ]; do accounts="$accounts
-nurse-station-$n nurse MQTT_PASSWORD_NURSE_STATION_$n"; n=$((n + 1)); done
+nurse-station-$n nurse"; n=$((n + 1)); done
 accounts="$accounts
-health health MQTT_PASSWORD_HEALTH"
+health health"
 
-# Passwords: keep what .env has, add a random one for each new account, refuse an example value.
-while read -r account role key; do
-  [ -n "$account" ] || continue
-  eval "password=\${$key:-}"
-  case $password in
-    "") printf '%s=%s\n' "$key" "$(rand)" >> "$env" ;;
-    change-me*) die "$key in $env is still the example value: delete that line and run me again" ;;
-  esac
+# --- passwords: kept across runs, one added for each new account -------------------------------------------------
+
+passwords="$dir/passwords.env"
+touch "$passwords"
+chmod 600 "$passwords"
+. "$passwords"
+add() {  # add KEY: a random value unless the file has one (printf is built in: no value on a command line)
+  eval "value=\${$1:-}"
+  if [ -z "$value" ]; then printf '%s=%s\n' "$1" "$(rand)" >> "$passwords"; fi
+}
+add INFLUX_ADMIN_PASSWORD
+add INFLUX_ADMIN_TOKEN
+add GRAFANA_ADMIN_PASSWORD
+while read -r account r; do
+  [ -z "$account" ] || add "$(key_of "$account")"
 done <<EOF
 $accounts
 EOF
-chmod 600 "$env"
-. "$env"
+. "$passwords"
+
+# --- certificates ----------------------------------------------------------------------------------------------------
+
+command -v openssl >/dev/null 2>&1 || die "openssl not found: sudo apt-get install -y openssl"
+folder "$dir/tls"
+if [ ! -f "$dir/tls/ca.key" ]; then
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/tls/ca.key" 2>/dev/null
+  openssl req -x509 -new -key "$dir/tls/ca.key" -sha256 -days 3650 -subj "/CN=Infusion telemetry CA $site" \
+    -addext "basicConstraints=critical,CA:TRUE,pathlen:0" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -addext "subjectKeyIdentifier=hash" -out "$dir/tls/ca.crt"
+  echo "made the clinic CA $dir/tls/ca.crt (its key stays in $dir/tls/ca.key)"
+fi
+chmod 600 "$dir/tls/ca.key"
+chmod 644 "$dir/tls/ca.crt"
+
+issue() {  # issue FOLDER BASE SERVICE OWNER: FOLDER/BASE.crt and .key for the server names + SERVICE + localhost
+  out=$1 base=$2 service=$3 owner=$4
+  san=""
+  for name in $names $service localhost; do
+    if printf '%s' "$name" | grep -Eq '^[0-9]+(\.[0-9]+){3}$'; then san="$san,IP:$name"; else san="$san,DNS:$name"; fi
+  done
+  ext=$(mktemp)
+  printf 'subjectAltName=%s\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n' \
+    "${san#,}" > "$ext"
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$out/$base.key.new" 2>/dev/null
+  openssl req -new -key "$out/$base.key.new" -subj "/CN=$(echo $names | cut -d' ' -f1)" -out "$out/$base.csr"
+  openssl x509 -req -in "$out/$base.csr" -CA "$dir/tls/ca.crt" -CAkey "$dir/tls/ca.key" -CAcreateserial \
+    -CAserial "$dir/tls/ca.srl" -sha256 -days 730 -extfile "$ext" -out "$out/$base.crt.new" 2>/dev/null
+  rm -f "$ext" "$out/$base.csr"
+  give "$owner" 600 "$out/$base.key.new"
+  give 0:0 644 "$out/$base.crt.new"
+  mv -f "$out/$base.key.new" "$out/$base.key"
+  mv -f "$out/$base.crt.new" "$out/$base.crt"
+  cp "$dir/tls/ca.crt" "$out/ca.crt.new" && give 0:0 644 "$out/ca.crt.new" && mv -f "$out/ca.crt.new" "$out/ca.crt"
+}
+
+secret() {  # secret OWNER FILE VALUE: FILE holds VALUE, mode 0600, owned by OWNER
+  printf '%s\n' "$3" > "$2.new"
+  give "$1" 600 "$2.new"
+  mv -f "$2.new" "$2"
+}
+
+# --- the broker ------------------------------------------------------------------------------------------------------
+
+m="$dir/mosquitto"
+folder "$m" "$m/health"
+issue "$m" server mosquitto "$MOSQUITTO_UID:$MOSQUITTO_UID"
 
 hash_passwords() {  # stdin: "account password" lines; writes the hashed file $1
   if command -v mosquitto_passwd >/dev/null 2>&1; then
@@ -125,16 +294,13 @@ hash_passwords() {  # stdin: "account password" lines; writes the hashed file $1
       done' "$(basename "$1")"
   fi
 }
-
-(umask 022 && mkdir -p "$out")  # the broker must be able to enter it
-passwd_new="$out/passwd.new" acl_new="$out/acl.new"
-rm -f "$passwd_new" "$acl_new"
-: > "$passwd_new"
-while read -r account role key; do
+rm -f "$m/passwd.new" "$m/acl.new"
+: > "$m/passwd.new"
+while read -r account r; do
   [ -n "$account" ] || continue
-  eval "password=\${$key}"
+  eval "password=\${$(key_of "$account")}"
   printf '%s %s\n' "$account" "$password"
-done <<EOF | hash_passwords "$passwd_new"
+done <<EOF | hash_passwords "$m/passwd.new"
 $accounts
 EOF
 
@@ -142,8 +308,8 @@ EOF
   echo "# Written by deploy/make-secrets.sh for site \"$site\", topic prefix \"$prefix\": run it again to change this."
   echo "# mosquitto refuses whatever is not granted here (a refused publish is dropped silently over MQTT 3.1.1, answered"
   echo "# \"not authorized\" over MQTT 5). An ACL cannot forbid the retain flag: the gateway clears retained commands."
-  echo "$accounts" | while read -r account role key; do
-    case $role in
+  echo "$accounts" | while read -r account r; do
+    case $r in
       gateway)
         echo
         echo "# A gateway: everything of its site (readings, statuses, alarms, retained topics, its will, replies)."
@@ -168,22 +334,35 @@ EOF
         echo "topic read \$SYS/broker/uptime" ;;
     esac
   done
-} > "$acl_new"
+} > "$m/acl.new"
+give "$MOSQUITTO_UID:$MOSQUITTO_UID" 600 "$m/passwd.new" "$m/acl.new"
+mv -f "$m/passwd.new" "$m/passwd"
+mv -f "$m/acl.new" "$m/acl"
+# The health check's login: mosquitto_sub reads default options from $XDG_CONFIG_HOME/mosquitto_sub, so its password
+# is in no command line (compose's healthcheck sets XDG_CONFIG_HOME to this folder).
+secret "$MOSQUITTO_UID:$MOSQUITTO_UID" "$m/health/mosquitto_sub" "-u health
+-P $MQTT_PASSWORD_HEALTH"
 
-chmod 600 "$passwd_new" "$acl_new"
-if [ "$owner" != none ]; then
-  if [ "$(id -u)" = 0 ]; then
-    chown "$owner" "$passwd_new" "$acl_new"
-  elif command -v docker >/dev/null 2>&1; then
-    docker run --rm -v "$out:/m" eclipse-mosquitto:2.0.20 chown "$owner" /m/passwd.new /m/acl.new
-  else
-    rm -f "$passwd_new" "$acl_new"
-    die "cannot give passwd and acl to $owner (the broker's user): run me as root, or --owner none if the broker runs as you"
-  fi
+# --- InfluxDB, Grafana, the tokens folder, the simulated gateway, the dashboards ------------------------------------
+
+folder "$dir/influxdb" "$dir/grafana" "$dir/tokens" "$dir/dashboards"
+issue "$dir/influxdb" tls influxdb "$INFLUXDB_UID:$INFLUXDB_UID"
+secret 0:0 "$dir/influxdb/admin-password" "$INFLUX_ADMIN_PASSWORD"
+secret 0:0 "$dir/influxdb/admin-token" "$INFLUX_ADMIN_TOKEN"
+issue "$dir/grafana" tls grafana "$GRAFANA_UID:$GRAFANA_UID"
+secret "$GRAFANA_UID:$GRAFANA_UID" "$dir/grafana/admin-password" "$GRAFANA_ADMIN_PASSWORD"
+if [ -n "$simulated" ]; then
+  folder "$dir/gateway-sim"
+  eval "password=\${$(key_of gateway-sim-gw)}"
+  secret "$GATEWAY_UID:$GATEWAY_UID" "$dir/gateway-sim/mqtt-password" "$password"
 fi
-mv -f "$passwd_new" "$out/passwd"
-mv -f "$acl_new" "$out/acl"
-echo "wrote $out/passwd and $out/acl (site $site), accounts:"
-echo "$accounts" | while read -r account role key; do
-  if [ -n "$account" ]; then echo "  $account ($role; password: $key in $env)"; fi
+if [ -z "$(ls -A "$dir/dashboards")" ]; then
+  cp "$repo"/dashboards/generated/*.json "$dir/dashboards/"
+  chmod 644 "$dir"/dashboards/*.json
+  echo "copied the shipped dashboards to $dir/dashboards (regenerate them with your alarm profile: docs/deploy.md)"
+fi
+
+echo "wrote $dir (site $site, server names:$(printf ' %s' $names)), accounts:"
+echo "$accounts" | while read -r account r; do
+  if [ -n "$account" ]; then echo "  $account ($r; password: $(key_of "$account") in $passwords)"; fi
 done

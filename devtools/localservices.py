@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -108,10 +109,13 @@ def _log_tail(path: Path, offset: int = 0, lines: int = _LOG_TAIL_LINES) -> str:
 _probe_ids = itertools.count(1)
 
 
-def mqtt_handshake(host: str, port: int, timeout: float = 1.0, any_answer: bool = False) -> bool:
+def mqtt_handshake(
+    host: str, port: int, timeout: float = 1.0, any_answer: bool = False, tls: ssl.SSLContext | None = None
+) -> bool:
     """A real MQTT 3.1.1 CONNECT/CONNACK, not just an open port: the broker must be ready to serve clients.
 
     With `any_answer`, a refusal counts too: a broker that wants a login answers this anonymous probe "not authorised".
+    With `tls`, the probe speaks TLS with that context (it checks the broker's certificate as the context says).
     """
     client_id = f"localservices-probe-{os.getpid()}-{next(_probe_ids)}".encode()
     variable = b"\x00\x04MQTT\x04\x02\x00\x0a"  # "MQTT", level 4 (3.1.1), clean session, keepalive 10 s
@@ -119,7 +123,10 @@ def mqtt_handshake(host: str, port: int, timeout: float = 1.0, any_answer: bool 
     packet = bytes([0x10, len(body)]) + body  # the body is < 128 bytes, so one remaining-length byte
     reply = b""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
+        with contextlib.ExitStack() as stack:
+            s = stack.enter_context(socket.create_connection((host, port), timeout=timeout))
+            if tls is not None:
+                s = stack.enter_context(tls.wrap_socket(s, server_hostname=host))
             s.sendall(packet)
             while len(reply) < 4:
                 chunk = s.recv(4 - len(reply))
@@ -285,15 +292,23 @@ class Mosquitto(_Service):
     fallback = "/usr/sbin/mosquitto"
     package = "mosquitto"
 
-    def __init__(self, workdir: Path, port: int | None = None, config: Callable[[str, int], str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        config: Callable[[str, int], str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         """`config(host, port)` is the whole broker config instead of ours (the tests of the shipped deploy/mosquitto
-        files substitute only the listener and the paths); it is ready when it answers, even "not authorised"."""
+        files substitute only the listener and the paths); it is ready when it answers, even "not authorised".
+        `tls`: the config's listener speaks TLS, and the readiness probe connects with this context."""
         super().__init__(workdir, port)
         self.config = config
+        self.tls = tls
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     def _write_config(self) -> list[str]:
         # As root, mosquitto drops to the mosquitto user: that change of credentials clears the parent-death
@@ -321,7 +336,7 @@ class Mosquitto(_Service):
         return ["-c", str(conf)]
 
     def _ready(self, timeout: float) -> bool:
-        return mqtt_handshake(self.host, self.port, timeout, any_answer=self.config is not None)
+        return mqtt_handshake(self.host, self.port, timeout, any_answer=self.config is not None, tls=self.tls)
 
 
 # Proxies from the environment must not see loopback requests.

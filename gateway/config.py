@@ -11,6 +11,7 @@ import difflib
 import logging
 import os
 import re
+import socket
 import tomllib
 import traceback
 import typing
@@ -83,9 +84,18 @@ class TlsConfig(_Strict):
         return self
 
 
+def host_gateway_id(hostname: str | None = None) -> str:
+    """The default gateway id: this host's name (its first label, lower-cased, other characters as '-', at most 32),
+    so room PCs given the same shipped config never share an id, an MQTT account or a status topic. Under compose the
+    gateway container shares the host's name (`uts: host`)."""
+    name = (hostname if hostname is not None else socket.gethostname()).split(".")[0].lower()
+    return re.sub(r"[^a-z0-9_-]", "-", name).strip("-_")[:32]
+
+
 class GatewaySection(_Strict):
     site: Annotated[str, Field(pattern=NAME_RE)] = "clinic"
-    id: Annotated[str, Field(pattern=NAME_RE)] = "gateway-1"  # fixed MQTT client id and status topic name
+    # MQTT status topic name and, with no [mqtt] username, the broker account "gateway-<id>" (the client id).
+    id: Annotated[str, Field(pattern=NAME_RE, default_factory=host_gateway_id)]
     data_dir: Path = Path("/var/lib/infusion-telemetry")  # the durable outbox lives here
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     live_window_s: Annotated[float, Field(gt=0, le=3600)] = 10.0  # older than this when sent = historical
@@ -340,6 +350,19 @@ class Config(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (env_settings, init_settings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gateway_account(cls, data: Any) -> Any:
+        """A gateway with a password and no [mqtt] username logs in as "gateway-<id>", its own account
+        (deploy/make-secrets.sh), so the shipped config never makes two room PCs share one account."""
+        if not isinstance(data, dict):
+            return data
+        mqtt, gateway = data.get("mqtt"), data.get("gateway")
+        if not isinstance(mqtt, dict) or mqtt.get("password") is None or mqtt.get("username") is not None:
+            return data
+        gateway_id = gateway.get("id") if isinstance(gateway, dict) else getattr(gateway, "id", None)
+        return {**data, "mqtt": {**mqtt, "username": f"gateway-{gateway_id or host_gateway_id()}"}}
 
     @model_validator(mode="after")
     def _unique_devices(self) -> Config:

@@ -1,11 +1,11 @@
 """Authorization at the broker (issue 12, demonstration 2), against a real mosquitto running the shipped files.
 
-The broker runs exactly deploy/mosquitto/mosquitto.conf with the passwd and acl that the shipped
-deploy/make-secrets.sh writes (here with `--owner none`: the files stay the test's, mode 0600). Substituted, each line
-asserted to occur exactly once in the shipped config: `listener 1883` becomes a free port on 127.0.0.1, and the
-`password_file`, `acl_file` and `persistence_location` paths point into the test's folder. `user root` goes first
-when the tests run as root, as for every test broker (devtools/localservices.py): mosquitto would otherwise drop to
-its own user, which cannot read the caller's 0600 files.
+The broker runs deploy/mosquitto/mosquitto.conf with the passwd and acl that the shipped
+deploy/make-secrets.sh writes in a site folder (here with `--owners none`: the files stay the test's, mode 0600), with
+only the listener, the paths and the TLS lines substituted (tests/deploy/sitefiles.py: TLS is the subject of
+tests/integration/test_tls.py, not of these). `user root` goes first when the tests run as root, as for every test
+broker (devtools/localservices.py): mosquitto would otherwise drop to its own user, which cannot read the caller's
+0600 files.
 
 A refused publish is dropped silently over MQTT 3.1.1 (what the gateway and the CLI speak): each refusal is proved by a
 screen that sees nothing while a control message published afterwards on the same topic by a gateway arrives, and
@@ -33,13 +33,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from devtools.localservices import Mosquitto, ServiceUnavailable
+from devtools.localservices import Mosquitto
 from gateway.config import MqttSection, SecretRef
 from gateway.sinks.mqtt import MqttSink, request
+from tests.deploy.sitefiles import REPO, SHIPPED_CONF, make_secrets, read_env, start_shipped_broker
 
-REPO = Path(__file__).parent.parent.parent
-SCRIPT = REPO / "deploy" / "make-secrets.sh"
-SHIPPED_CONF = REPO / "deploy" / "mosquitto" / "mosquitto.conf"
 SITE = "clinic-a"
 ROOM = f"infusion/{SITE}/1"
 GATEWAY = "gateway-room-pc-1"  # the account of gateway id "room-pc-1"
@@ -58,16 +56,10 @@ class Secrets:
     passwords: dict[str, str]  # account -> password, as the script stored them in .env
 
 
-def read_env(path: Path) -> dict[str, str]:
-    pairs = (line.partition("=") for line in path.read_text().splitlines() if line and not line.startswith("#"))
-    return {key: value for key, _, value in pairs}
-
-
-def run_script(*args: str, env_file: Path, out: Path, trace: Path | None = None) -> subprocess.CompletedProcess[str]:
-    command = [str(SCRIPT), "--env", str(env_file), "--out", str(out), "--owner", "none", *args]
-    if trace is not None:
-        command = ["strace", "-f", "-qq", "-e", "trace=execve", "-s", "4096", "-o", str(trace), *command]
-    return subprocess.run(command, capture_output=True, text=True, check=False, timeout=120, cwd=REPO)
+def run_script(*args: str, site: Path, trace: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`make-secrets.sh central` on the site folder `site` (its settings given on the first run only)."""
+    first = [] if (site / "compose.env").exists() else ["--site", SITE, "--bind", "127.0.0.1"]
+    return make_secrets("central", "--dir", str(site), *first, *args, trace=trace)
 
 
 def accounts_of(env: dict[str, str], listed: str) -> dict[str, str]:
@@ -79,44 +71,20 @@ def accounts_of(env: dict[str, str], listed: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def secrets(tmp_path_factory: pytest.TempPathFactory) -> Secrets:
     """Accounts for two gateways of the site, two screens and a nurse station, made by the shipped script."""
-    folder = tmp_path_factory.mktemp("secrets")
-    env_file, out = folder / ".env", folder / "mosquitto"
-    args = ["--site", SITE, "--gateway", "room-pc-1", "--gateway", "room-pc-2", "--readers", "2"]
-    done = run_script(*args, env_file=env_file, out=out)
+    site = tmp_path_factory.mktemp("secrets") / "site"
+    args = ["--gateway", "room-pc-1", "--gateway", "room-pc-2", "--readers", "2"]
+    done = run_script(*args, site=site)
     assert done.returncode == 0, f"deploy/make-secrets.sh failed:\n{done.stderr}"
+    env_file = site / "passwords.env"
     passwords = accounts_of(read_env(env_file), done.stdout)
     expected = {GATEWAY, OTHER_GATEWAY, "reader-1", "reader-2", "nurse-station-1", "health"}
     assert set(passwords) == expected, done.stdout
-    return Secrets(env_file, out, passwords)
-
-
-def shipped_config(secrets: Secrets, data: Path) -> Callable[[str, int], str]:
-    """The shipped config with only the listener and the paths substituted (see the module docstring)."""
-    lines = SHIPPED_CONF.read_text().splitlines()
-    substitutions = {
-        "listener 1883": "listener {port} {host}",
-        "password_file /mosquitto/config/passwd": f"password_file {secrets.out / 'passwd'}",
-        "acl_file /mosquitto/config/acl": f"acl_file {secrets.out / 'acl'}",
-        "persistence_location /mosquitto/data/": f"persistence_location {data}/",
-    }
-    for line in substitutions:
-        assert lines.count(line) == 1, f"the shipped mosquitto.conf no longer has {line!r} once: update the test"
-
-    def render(host: str, port: int) -> str:
-        subst = (substitutions[line].format(host=host, port=port) if line in substitutions else line for line in lines)
-        return "\n".join(subst) + "\n"
-
-    return render
+    return Secrets(env_file, site / "mosquitto", passwords)
 
 
 def start_broker(secrets: Secrets, folder: Path) -> Mosquitto:
-    (folder / "data").mkdir(parents=True)
-    broker = Mosquitto(folder, config=shipped_config(secrets, folder / "data"))
-    try:
-        broker.start()
-    except ServiceUnavailable as exc:
-        pytest.fail(str(exc), pytrace=False)
-    return broker
+    """The shipped config on the script's files, plain (see the module docstring)."""
+    return start_shipped_broker(secrets.out.parent, folder, plain=True)
 
 
 @pytest.fixture
@@ -525,53 +493,94 @@ async def test_health_account_reads_uptime_only(
 
 @pytest.mark.integration
 def test_script_keeps_passwords_off_command_lines_and_files_private(tmp_path: Path) -> None:
-    """Every program the script runs is traced: no secret of .env appears in any command line."""
+    """Every program the script runs (openssl, mosquitto_passwd, tar...) is traced: no secret of the site appears in
+    any command line, for the central server's files nor for a room PC's bundle; every file holding a secret or a
+    private key is 0600 (the script gives each to its service's user when run as root: `--owners none` here)."""
     if shutil.which("strace") is None:
         pytest.fail("strace not found: install it with `sudo apt-get install -y strace`", pytrace=False)
-    trace = tmp_path / "execve.txt"
-    done = run_script(env_file=tmp_path / ".env", out=tmp_path / "mosquitto", trace=trace)
+    site, trace = tmp_path / "site", tmp_path / "execve.txt"
+    done = run_script("--gateway", "room-pc-1", "--simulated", site=site, trace=trace)
     assert done.returncode == 0, done.stderr
-    env = read_env(tmp_path / ".env")
-    execs = trace.read_text()
-    assert "mosquitto_passwd" in execs, "the trace did not see the script's programs"
+    token = site / "tokens" / "gateways.token"
+    token.write_text("a-token-influxdb-would-write\n")
+    token.chmod(0o600)  # as deploy/influxdb/init-tokens.sh writes it
+    bundle_trace = tmp_path / "bundle-execve.txt"
+    bundle = tmp_path / "room-pc-1.tar"
+    made = make_secrets(
+        "room", "--dir", str(site), "--gateway", "room-pc-1", "--bundle", str(bundle), trace=bundle_trace
+    )
+    assert made.returncode == 0, made.stderr
+    execs = trace.read_text() + bundle_trace.read_text()
+    for program in ("mosquitto_passwd", "openssl", "tar"):
+        assert f"/{program}" in execs, f"the trace did not see the script run {program}"
+    env = read_env(site / "passwords.env")
     secrets = {k: v for k, v in env.items() if "PASSWORD" in k or "TOKEN" in k}
     assert len(secrets) >= 7
+    secrets["gateways.token"] = "a-token-influxdb-would-write"
     leaked = [key for key, value in secrets.items() if value in execs]
     assert leaked == [], f"on a command line: {leaked}"
-    for path in (tmp_path / ".env", tmp_path / "mosquitto" / "passwd", tmp_path / "mosquitto" / "acl"):
+
+    unpacked = tmp_path / "room"
+    unpacked.mkdir()
+    subprocess.run(["tar", "-xf", str(bundle), "-C", str(unpacked)], check=True, timeout=30)
+    private = []
+    for folder in (site, unpacked):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            text = path.read_text(errors="replace")
+            if "PRIVATE KEY" in text or any(value in text for value in secrets.values()):
+                private.append(path)
+                assert path.stat().st_mode & 0o777 == 0o600, f"{path.relative_to(tmp_path)} is not 0600"
+    names = {str(p.relative_to(tmp_path)) for p in private}
+    for expected in ("site/passwords.env", "site/mosquitto/server.key", "site/mosquitto/health/mosquitto_sub",
+                     "site/influxdb/admin-token", "site/influxdb/tls.key", "site/grafana/admin-password",
+                     "site/grafana/tls.key", "site/tls/ca.key", "site/gateway-sim/mqtt-password",
+                     "room/secrets/mqtt-password", "room/secrets/influx-token"):  # fmt: skip
+        assert expected in names, f"{expected} holds no secret: {sorted(names)}"
+    for path in (bundle, site / "mosquitto" / "passwd", site / "mosquitto" / "acl"):  # hashes, and who may do what
         assert path.stat().st_mode & 0o777 == 0o600, f"{path.name} is not 0600"
-    # The default accounts are those of the shipped compose gateway configs, which log in with them.
-    accounts = {line.split(":")[0] for line in (tmp_path / "mosquitto" / "passwd").read_text().splitlines()}
-    for config in ("gateway.toml", "gateway-sim.toml"):
-        cfg = tomllib.loads((REPO / "deploy" / config).read_text())
-        assert cfg["mqtt"]["username"] == f"gateway-{cfg['gateway']['id']}", config
-        assert cfg["mqtt"]["username"] in accounts, config
+    assert (unpacked / "secrets" / "mqtt-password").read_text().strip() == env["MQTT_PASSWORD_GATEWAY_ROOM_PC_1"]
+    room_env = read_env(unpacked / "compose.env")
+    assert room_env["GATEWAY_ID"] == "room-pc-1" and room_env["COMPOSE_FILE"] == "docker-compose.room.yml"
 
 
 @pytest.mark.integration
-def test_script_run_again_keeps_passwords_and_refuses_example_values(tmp_path: Path) -> None:
-    env_file, out = tmp_path / ".env", tmp_path / "mosquitto"
-    assert run_script(env_file=env_file, out=out).returncode == 0
-    before = read_env(env_file)
-    again = run_script("--readers", "3", env_file=env_file, out=out)
+def test_shipped_gateway_configs_log_in_with_their_own_accounts(tmp_path: Path) -> None:
+    """No username in the shipped configs: each gateway logs in as "gateway-<id>", the account the script makes
+    (the room template's id is the host name: tests/integration/test_two_gateways.py)."""
+    site = tmp_path / "site"
+    assert run_script("--gateway", "room-pc-1", "--simulated", site=site).returncode == 0
+    accounts = {line.split(":")[0] for line in (site / "mosquitto" / "passwd").read_text().splitlines()}
+    assert accounts == {"gateway-room-pc-1", "gateway-sim-gw", "reader-1", "nurse-station-1", "health"}
+    for config in ("gateway.toml", "gateway-sim.toml"):
+        cfg = tomllib.loads((REPO / "deploy" / config).read_text())
+        assert "username" not in cfg["mqtt"], config
+    assert tomllib.loads((REPO / "deploy" / "gateway-sim.toml").read_text())["gateway"]["id"] == "sim-gw"
+    assert "id" not in tomllib.loads((REPO / "deploy" / "gateway.toml").read_text())["gateway"]
+
+
+@pytest.mark.integration
+def test_script_run_again_keeps_passwords_and_the_ca(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    assert run_script("--gateway", "room-pc-1", site=site).returncode == 0
+    before = read_env(site / "passwords.env")
+    ca = (site / "tls" / "ca.crt").read_bytes()
+    again = run_script("--readers", "3", site=site)  # the gateways of the last run are kept
     assert again.returncode == 0, again.stderr
-    after = read_env(env_file)
+    after = read_env(site / "passwords.env")
     assert {k: after[k] for k in before} == before, "a second run changed a password"
     assert set(after) - set(before) == {"MQTT_PASSWORD_READER_2", "MQTT_PASSWORD_READER_3"}
-    assert "user reader-3\ntopic read infusion/clinic-a/#\n" in (out / "acl").read_text()
+    acl = (site / "mosquitto" / "acl").read_text()
+    assert "user reader-3\ntopic read infusion/clinic-a/#\n" in acl and "user gateway-room-pc-1\n" in acl
+    assert (site / "tls" / "ca.crt").read_bytes() == ca, "a second run made a new CA: every room PC would need it"
 
-    env_file.write_text(
-        env_file.read_text().replace(f"MQTT_PASSWORD={after['MQTT_PASSWORD']}", "MQTT_PASSWORD=change-me")
-    )
-    refused = run_script(env_file=env_file, out=out)
-    assert refused.returncode == 2 and "MQTT_PASSWORD" in refused.stderr and "example value" in refused.stderr
+    refused = run_script("--site", "clinic-b", site=site)
+    assert refused.returncode == 2 and "compose.env is for site clinic-a" in refused.stderr
 
 
 def test_every_listener_names_clients_after_their_account() -> None:
-    """use_username_as_clientid is a per-listener setting: each listener, the commented TLS example too, sets it."""
+    """use_username_as_clientid is a per-listener setting: the one listener (TLS, 8883) sets it."""
     blocks = re.split(r"^(?=#?listener )", SHIPPED_CONF.read_text(), flags=re.MULTILINE)[1:]
-    assert len(blocks) == 2
+    assert len(blocks) == 1
     for block in blocks:
-        commented = block.startswith("#")
-        assert ("#" if commented else "") + "use_username_as_clientid true" in block.splitlines(), block
+        assert "use_username_as_clientid true" in block.splitlines(), block
     assert "allow_anonymous false" in SHIPPED_CONF.read_text().splitlines()
