@@ -8,12 +8,19 @@ for the ACL tests (tests/integration/test_broker_acl.py), whose subject is not T
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import ssl
 import subprocess
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiomqtt
+
 from devtools.localservices import Mosquitto, ServiceUnavailable
+from gateway.config import Config, load_config
 
 REPO = Path(__file__).parent.parent.parent
 SCRIPT = REPO / "deploy" / "make-secrets.sh"
@@ -80,3 +87,69 @@ def start_shipped_broker(site: Path, folder: Path, *, plain: bool = False) -> Mo
     except ServiceUnavailable as exc:
         raise AssertionError(str(exc)) from None
     return broker
+
+
+# --- gateways and screens on the site's broker -----------------------------------------------------------------------
+
+WAIT_S = 5.0
+ROOM_TEMPLATE = REPO / "deploy" / "gateway.toml"
+
+
+async def until(predicate: Callable[[], bool], reason: str, timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"within {timeout:g} s: {reason}")
+        await asyncio.sleep(0.02)
+
+
+def room_config(site: Path, broker: Mosquitto, password_file: Path, host: str = "localhost") -> Config:
+    """The shipped room PC template (deploy/gateway.toml) as a room PC's compose gives it: site and broker from the
+    environment (its INFUSION_* overrides), the files of the room bundle here; the id is the template's default (the
+    host name) and the account follows from it."""
+    overrides = {
+        "INFUSION_GATEWAY__SITE": read_env(site / "compose.env")["SITE"],
+        "INFUSION_MQTT__HOST": host,
+        "INFUSION_MQTT__PORT": str(broker.port),
+        "INFUSION_MQTT__PASSWORD__FILE": str(password_file),
+        "INFUSION_MQTT__TLS__CA_FILE": str(site / "tls" / "ca.crt"),
+        "INFUSION_INFLUX__URL": f"https://{host}:8086",
+        "INFUSION_INFLUX__ORG": read_env(site / "compose.env")["INFLUX_ORG"],
+    }
+    saved = {key: os.environ.get(key) for key in overrides}
+    os.environ.update(overrides)
+    try:
+        return load_config(ROOM_TEMPLATE)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.asynccontextmanager
+async def screen(
+    broker: Mosquitto, site: Path, account: str, topic: str, host: str = "localhost"
+) -> AsyncIterator[list[tuple[str, bytes]]]:
+    """A screen logged in with its own account over TLS (the clinic CA), recording (topic, payload) of `topic`."""
+    password = read_env(site / "passwords.env")[password_key(account)]
+    seen: list[tuple[str, bytes]] = []
+    client = aiomqtt.Client(
+        host, broker.port, username=account, password=password, identifier=account, tls_context=ca_context(site)
+    )
+    async with client:
+        await client.subscribe(topic, qos=1)
+
+        async def record() -> None:
+            async for message in client.messages:
+                payload = message.payload
+                seen.append((str(message.topic), payload if isinstance(payload, bytes) else str(payload).encode()))
+
+        task = asyncio.create_task(record())
+        try:
+            yield seen
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
