@@ -832,7 +832,7 @@ def test_the_kiosk_needs_no_login_that_expires() -> None:
     datasources = yaml.safe_load((REPO / "dashboards/provisioning/datasources/influxdb.yaml").read_text())
     assert dashboards["orgId"] == datasources["datasources"][0]["orgId"] == 1
     assert env["GF_AUTH_ANONYMOUS_ORG_NAME"] == "Main Org."  # Grafana's name of organisation 1
-    assert env["GF_USERS_ALLOW_SIGN_UP"] == "false" and "GF_SECURITY_ADMIN_PASSWORD" in env
+    assert env["GF_USERS_ALLOW_SIGN_UP"] == "false" and "GF_SECURITY_ADMIN_PASSWORD__FILE" in env
     assert env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"].endswith("/infusion-wall.json")
 
 
