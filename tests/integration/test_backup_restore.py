@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from devtools.localservices import Influxd, InfluxError, Mosquitto, ServiceUnavailable
+from gateway import storage
 from tests.helpers import stop_gateway, wait_for
 from tests.integration.test_gateway_e2e import write_config
 from tests.integration.test_reliability import Device, Mqtt, start_gateway_logged, stored
@@ -181,32 +182,45 @@ async def test_backup_of_a_running_gateway_and_influxd_restored_after_both_are_d
         broker.stop()
 
 
-def test_backup_as_root_leaves_the_outbox_to_its_user(tmp_path: Path) -> None:
-    """A stopped gateway's outbox has no -wal or -shm: the backup's read must not leave root-owned ones the
-    gateway's user could not open (SQLite gives files it creates as root the database's owner). A backup inside the
-    data folder is refused, and nothing is created there."""
+def test_backup_and_restore_keep_the_outbox_its_users_and_refuse_what_would_lose_data(tmp_path: Path) -> None:
+    """Run as root (as IT does) on a stopped gateway's outbox, which has no -wal or -shm: neither script leaves a
+    file the gateway's user cannot open (SQLite gives a side file it creates as root the database's owner). A backup
+    inside the data folder is refused before anything is created there; a restore is refused while a process has
+    the outbox open, and keeps the file it replaces."""
     data = tmp_path / "data"
-    data.mkdir(mode=0o700)
     outbox = data / "outbox.sqlite3"
-    with sqlite3.connect(outbox) as db:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("CREATE TABLE records (id INTEGER PRIMARY KEY, body TEXT)")
-        db.execute("INSERT INTO records(body) VALUES ('{}')")
+    db, _marks, _report = storage.open_outbox(outbox, ("mqtt", "influx"))
+    with storage.transaction(db):
+        db.execute("INSERT INTO records(key, seq, type, body, created) VALUES (?, 5, 'reading', '{}', 0)", (KEY,))
+        db.execute("INSERT INTO sequences(key, seq) VALUES (?, 5)", (KEY,))
     db.close()
     assert not Path(f"{outbox}-wal").exists()
     user = 65534 if os.geteuid() == 0 else os.geteuid()  # as root: another user's outbox, as on a room PC
-    for path in (data, outbox):
+    for path in (data, *data.iterdir()):
         os.chown(path, user, user)
+
     out = Path(run(BACKUP, "--dest", str(tmp_path / "backups"), "--outbox", str(outbox)).strip().splitlines()[-1])
     assert len(records(out / "outbox.sqlite3")) == 1
     owners = {p.name: p.stat().st_uid for p in data.iterdir()}
     assert set(owners.values()) == {user}, owners
-    refused = subprocess.run(
-        ["bash", str(BACKUP), "--dest", str(data / "backups"), "--outbox", str(outbox)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert refused.returncode == 1 and "inside the outbox's folder" in refused.stderr
+
+    def refused(script: Path, *args: str) -> str:
+        done = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 1, f"{script.name} {' '.join(args)} was not refused: {done.stderr}"
+        return done.stderr
+
+    assert "inside the outbox's folder" in refused(BACKUP, "--dest", str(data / "backups"), "--outbox", str(outbox))
     assert not (data / "backups").exists()
+
+    holder = sqlite3.connect(outbox)  # a gateway still running
+    try:
+        assert "stop the gateway first" in refused(RESTORE, "--from", str(out), "--outbox", str(outbox))
+    finally:
+        holder.close()
+    run(RESTORE, "--from", str(out), "--outbox", str(outbox))
+    assert [p.name for p in data.glob("outbox.sqlite3.before-restore-*")], "the replaced outbox was not kept"
+    assert {p.stat().st_uid for p in data.iterdir()} == {user}
+    assert mode(outbox) == "0o600" and mode(data) == "0o700"
+    with sqlite3.connect(f"{outbox.as_uri()}?mode=ro", uri=True) as restored:
+        (seq,) = restored.execute("SELECT seq FROM sequences WHERE key = ?", (KEY,)).fetchone()
+    assert seq >= 5 + 2000, "sequence numbers continue after a jump"
