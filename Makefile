@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 APT_PACKAGES := mosquitto influxdb
 
-.PHONY: test demo lint typecheck check-dashboards unit services schema bench chaos clean
+.PHONY: test demo lint typecheck check-dashboards unit services schema bench chaos lock clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -67,6 +67,16 @@ MINUTES ?= 3
 DEVICES ?= 10
 chaos: $(STAMP) services
 	$(BIN)/python -m tests.chaos --seed $(SEED) --minutes $(MINUTES) --devices $(DEVICES)
+
+# The image's pinned dependencies (the Dockerfile installs only these, with --require-hashes): every runtime
+# dependency of pyproject.toml and theirs, plus the build backend (deploy/build-requirements.in), resolved by uv from
+# PyPI for Python 3.11 on every platform. Run after changing [project] dependencies (tests/deploy/test_lock.py fails
+# until then); pins already in requirements.lock are kept unless a change needs another (delete it to refresh all).
+UV_VERSION := 0.13.9
+lock: $(STAMP)
+	$(BIN)/python -m pip install -q "uv==$(UV_VERSION)"
+	$(BIN)/uv pip compile pyproject.toml deploy/build-requirements.in --universal --python-version 3.11 \
+	  --generate-hashes --no-config --custom-compile-command "make lock" -o requirements.lock
 
 schema: $(STAMP)
 	$(BIN)/infusion-telemetry schema > docs/mqtt-schema.json
