@@ -332,7 +332,7 @@ class NotifySection(_Strict):
 class Config(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid", frozen=True, env_prefix="INFUSION_", env_nested_delimiter="__")
 
-    gateway: GatewaySection = GatewaySection()
+    gateway: GatewaySection = Field(default_factory=GatewaySection)  # at load time: the id is the host name
     mqtt: MqttSection = MqttSection()
     influx: InfluxSection
     alarms: AlarmsSection = AlarmsSection()
