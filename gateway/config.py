@@ -1,8 +1,9 @@
 """One TOML file, validated by pydantic, with errors that name the field and the fix.
 
-Secrets are never written in the file: each is a reference (`{ env = "NAME" }` or `{ file = "/run/secrets/x" }`)
-resolved at load time into a SecretStr, so they are never printed or logged. Environment variables named
-`INFUSION_<SECTION>__<FIELD>` override the file (docker compose sets hosts and ports that way).
+Secrets are never written in the file: each is a reference (`{ env = "NAME" }`, `{ file = "/run/secrets/x" }` or
+`{ credential = "name" }`, a systemd credential) resolved at load time into a SecretStr, so they are never printed or
+logged. Environment variables named `INFUSION_<SECTION>__<FIELD>` override the file (docker compose sets hosts and
+ports that way).
 """
 
 from __future__ import annotations
@@ -43,15 +44,19 @@ class _Strict(BaseModel):
 
 
 class SecretRef(_Strict):
-    """Where a secret lives. Exactly one of env and file."""
+    """Where a secret lives. Exactly one of env, file and credential: a systemd credential, which the unit's
+    LoadCredential= puts in $CREDENTIALS_DIRECTORY, readable by this service only (deploy/systemd)."""
 
     env: str | None = None
     file: Path | None = None
+    credential: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> SecretRef:
-        if (self.env is None) == (self.file is None):
-            raise ValueError('give exactly one of env = "VARIABLE" or file = "/path/to/secret"')
+        if [self.env, self.file, self.credential].count(None) != 2:
+            raise ValueError(
+                'give exactly one of env = "VARIABLE" or file = "/path/to/secret" (or credential = "name", systemd)'
+            )
         return self
 
     def resolve(self) -> SecretStr:
@@ -60,11 +65,20 @@ class SecretRef(_Strict):
             if value is None:
                 raise ValueError(f"environment variable {self.env} is not set: export it or use file = ...")
             return SecretStr(value)
-        assert self.file is not None
+        path = self.file
+        if self.credential is not None:
+            folder = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not folder:
+                raise ValueError(
+                    f"credential {self.credential}: CREDENTIALS_DIRECTORY is not set (systemd sets it for a unit with "
+                    f"LoadCredential={self.credential}:/path) -> outside systemd use file = or env ="
+                )
+            path = Path(folder) / self.credential
+        assert path is not None
         try:
-            return SecretStr(self.file.read_text().strip())
+            return SecretStr(path.read_text().strip())
         except OSError as exc:
-            raise ValueError(f"cannot read secret file {self.file}: {exc.strerror}") from None
+            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
 
 
 class TlsConfig(_Strict):
@@ -95,7 +109,7 @@ def host_gateway_id(hostname: str | None = None) -> str:
 class GatewaySection(_Strict):
     site: Annotated[str, Field(pattern=NAME_RE)] = "clinic"
     # MQTT status topic name and, with no [mqtt] username, the broker account "gateway-<id>" (the client id).
-    id: Annotated[str, Field(pattern=NAME_RE, default_factory=host_gateway_id)]
+    id: Annotated[str, Field(pattern=NAME_RE)] = Field(default_factory=host_gateway_id)
     data_dir: Path = Path("/var/lib/infusion-telemetry")  # the durable outbox lives here
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     live_window_s: Annotated[float, Field(gt=0, le=3600)] = 10.0  # older than this when sent = historical
