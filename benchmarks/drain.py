@@ -109,3 +109,17 @@ async def measure(workdir: Path, k: int = 50_000, live_devices: int = 10) -> dic
         "note": "drain times from the gateway's start (online after gateway_online_s); InfluxDB read every 0.1 s",
         "live_median_ms": round(statistics.median(live) * 1000, 2) if live else None,
     }
+
+
+def main() -> None:
+    """`python -m benchmarks.drain [K]`: this figure alone (`make bench` runs it with the others)."""
+    import json
+    import tempfile
+
+    k = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
+    result = asyncio.run(measure(Path(tempfile.mkdtemp(prefix="bench-drain-")), k, 10))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -32,7 +32,7 @@ from gateway.envelope import (
 from gateway.health import HealthServer
 from gateway.outbox import Outbox
 from gateway.session import DeviceSession
-from gateway.sink_worker import SinkWorker
+from gateway.sink_worker import LiveFirst, RenderedBacklog, SinkWorker
 from gateway.sinks import SinkUnavailable
 from gateway.sinks.influx import InfluxSink
 from gateway.sinks.mqtt import MqttSink, RetainedState
@@ -84,7 +84,7 @@ class Gateway:
             "mqtt",
             batch_size=20,  # small, and the replay paced to half the loop's time: live data first
             backoff=Backoff(0.5, cfg.mqtt.reconnect_max_s),
-            backlog_share=0.5,
+            live_first=LiveFirst(backlog_share=0.5),
         )
         self.influx = SinkWorker(
             self.outbox,
@@ -93,7 +93,7 @@ class Gateway:
             cfg.influx.batch_size,
             backoff=Backoff(0.5, cfg.influx.reconnect_max_s),
             linger_s=cfg.influx.flush_interval_s,
-            offload=True,  # a backlog is read and rendered by a worker process: its GIL is not the live data's
+            renderer=RenderedBacklog(),  # a backlog is read and rendered by a worker process: its GIL is not ours
         )
         self.received = 0
         self._last_time: dict[str, str] = {}  # outbox key -> time of its latest record

@@ -28,7 +28,7 @@ import sqlite3
 import time
 from array import array
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -107,8 +107,9 @@ _worker_dbs: dict[str, sqlite3.Connection] = {}  # map_rows' connections, one pe
 def map_rows(
     path: str, fn: Callable[[list[dict[str, Any]]], T], after_id: int, before_id: int | None, limit: int
 ) -> tuple[int, int, T] | None:
-    """Run in a worker process (Outbox.map_range): read and decode a range and apply `fn` to it there, so the
-    gateway's interpreter (and its GIL) never holds the records. (last id, record count, fn's result), or None."""
+    """The worker-process read (the sink worker's RenderedBacklog): read and decode a range and apply `fn` to it in
+    that process, so the gateway's interpreter (and its GIL) never holds the records. (last id, count, fn's result),
+    or None when the range is empty."""
     db = _worker_dbs.get(path)
     if db is None:
         db = _worker_dbs[path] = sqlite3.connect(path, timeout=5.0)  # reads only: WAL lets it beside the writer
@@ -451,52 +452,37 @@ class Outbox:
                 await event.wait()
         event.clear()
 
-    async def read(self, sink: str, limit: int) -> list[Item]:
-        """The oldest records `sink` has not settled: from memory when they are recent, else from SQLite."""
-        return await self.read_after(self._cursors[sink], limit)
-
-    async def read_after(self, after_id: int, limit: int) -> list[Item]:
-        """Up to `limit` records with id > after_id, oldest first: from memory when they are recent."""
+    async def read(self, after_id: int, before_id: int | None = None, *, limit: int) -> list[Item]:
+        """Up to `limit` records with after_id < id (< before_id), oldest first. What a sink owes starts after its
+        `cursor`; a backlog ends before the first record sent live. From memory when they are recent (a sink that
+        keeps up: no thread hop), else from SQLite on the reader thread, decoded there, not on the event loop."""
         recent = self._recent
         if recent and recent[0].id <= after_id + 1:
             # Ids in `recent` are consecutive. A sink that keeps up wants the last few: walk in from the right end
             # (islice from the left would step over up to RECENT items on every read).
-            newer = recent[-1].id - after_id
-            if newer <= 0:
+            last = recent[-1].id if before_id is None else min(recent[-1].id, before_id - 1)
+            count = min(limit, last - after_id)
+            if count <= 0:
                 return []
-            if newer <= limit:
-                tail = list(itertools.islice(reversed(recent), newer))
-                tail.reverse()
-                return tail
-            start = len(recent) - newer
-            return list(itertools.islice(recent, start, start + limit))
-        return await self.read_range(after_id, None, limit)
-
-    async def read_range(self, after_id: int, before_id: int | None, limit: int) -> list[Item]:
-        """Records with after_id < id (< before_id), oldest first, read back from SQLite."""
-        items: list[Item] = await self._run_read(self._read_range_sync, after_id, before_id, limit)
+            first = after_id + 1 - recent[0].id  # the index of the first record wanted
+            tail = len(recent) - first
+            if tail <= 2 * count:
+                wanted = list(itertools.islice(reversed(recent), tail))
+                wanted.reverse()
+                return wanted[:count]
+            return list(itertools.islice(recent, first, first + count))
+        items: list[Item] = await self._run_read(self._read_sync, after_id, before_id, limit)
         return items
 
-    def _read_range_sync(self, after_id: int, before_id: int | None, limit: int) -> list[Item]:
+    def _read_sync(self, after_id: int, before_id: int | None, limit: int) -> list[Item]:
         rows = _select_range(self._reader, after_id, before_id, limit)
         return [_decode(i, body) for i, body in rows]  # decoded here, not on the event loop
 
-    async def map_range(
-        self,
-        executor: Executor,
-        fn: Callable[[list[dict[str, Any]]], T],
-        after_id: int,
-        before_id: int | None,
-        limit: int,
-    ) -> tuple[int, int, T] | None:
-        """`fn` of the records read_range would return, computed in `executor` (a process pool: see map_rows)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, map_rows, str(self.path), fn, after_id, before_id, limit)
-
-    async def cursor(self, sink: str) -> int:
+    def cursor(self, sink: str) -> int:
+        """The last id `sink` has settled (its records after this are owed)."""
         return self._cursors[sink]
 
-    async def head(self) -> int:
+    def head(self) -> int:
         """The newest committed record's id (0 before the first)."""
         return self._head
 
@@ -516,22 +502,21 @@ class Outbox:
     async def reject(self, sink: str, items: list[Item], reason: str, advance: bool = True) -> None:
         """Poison: keep it aside with the reason and move on, so one bad record cannot block a sink forever.
         `advance=False` when the records were sent ahead of the backlog (the cursor must not jump the gap)."""
-        if advance:
-            self._cursors[sink] = max(self._cursors[sink], *(it.id for it in items))
         await self._run(self._reject_sync, sink, items, reason, advance)
+        if advance:  # only once the pile holds them: a write that failed (disk full) leaves the cursor before them
+            self._cursors[sink] = max(self._cursors[sink], *(it.id for it in items))
 
     def _reject_sync(self, sink: str, items: list[Item], reason: str, advance: bool) -> None:
         db = self._conn
         now = time.time()
-        db.execute("BEGIN IMMEDIATE")
-        db.executemany(
-            "INSERT INTO rejected(sink, record_id, reason, at, body) VALUES (?, ?, ?, ?, ?)",
-            [(sink, it.id, reason, now, json.dumps(it.record)) for it in items],
-        )
-        if advance:
-            last = max(it.id for it in items)
-            db.execute("UPDATE cursors SET last_id = max(last_id, ?) WHERE sink = ?", (last, sink))
-        db.execute("COMMIT")
+        with storage.transaction(db):  # rolled back on an error: the connection is not left mid-transaction
+            db.executemany(
+                "INSERT INTO rejected(sink, record_id, reason, at, body) VALUES (?, ?, ?, ?, ?)",
+                [(sink, it.id, reason, now, json.dumps(it.record)) for it in items],
+            )
+            if advance:
+                last = max(it.id for it in items)
+                db.execute("UPDATE cursors SET last_id = max(last_id, ?) WHERE sink = ?", (last, sink))
 
     def owed(self) -> dict[str, int]:
         """Records each sink still owes, from memory (exact: see the module's docstring)."""
@@ -593,6 +578,10 @@ class Outbox:
                 self._holes.extend(ids)  # the usual case: the oldest remaining readings, above earlier holes
             else:
                 self._holes = array("q", sorted(itertools.chain(self._holes, ids)))
+            # Memory keeps only records still on disk: read() from there must not hand out a dropped one (what is
+            # left below the last dropped id, statuses among them, is read back from SQLite instead).
+            while self._recent and self._recent[0].id <= ids[-1]:
+                self._recent.popleft()
             log.error("outbox over its bounds: dropped the %d oldest undelivered readings", len(ids))
         settled_everywhere = min(self._cursors.values(), default=0)
         del self._holes[: bisect.bisect_right(self._holes, settled_everywhere)]

@@ -96,7 +96,7 @@ SERVICE_MODULES = (
     "test_serve.py",
     "test_rooms.py",
     "test_session.py",
-    "test_delivery.py",
+    "test_sink_worker.py",
     "test_compose.py",
     "test_dashboards.py",
 )

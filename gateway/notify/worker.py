@@ -102,7 +102,7 @@ class NotifyWorker:
 
     async def _intake(self) -> None:
         while True:
-            items = await self.outbox.read(SINK, READ_BATCH)
+            items = await self.outbox.read(self.outbox.cursor(SINK), limit=READ_BATCH)
             if not items:
                 await self.outbox.wait_new(SINK, max_wait_s=5.0)
                 continue

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
-import gateway.config
 from gateway.config import Config, host_gateway_id
 
 
@@ -24,7 +25,7 @@ def test_the_id_is_the_host_name_as_a_valid_name(host: str, gid: str) -> None:
 
 
 def config(monkeypatch: pytest.MonkeyPatch, host: str, **sections: object) -> Config:
-    monkeypatch.setattr(gateway.config.socket, "gethostname", lambda: host)
+    monkeypatch.setattr(socket, "gethostname", lambda: host)
     monkeypatch.setenv("TEST_SECRET", "x")
     influx = {"org": "o", "bucket": "b", "token": {"env": "TEST_SECRET"}}
     return Config(influx=influx, **sections)  # type: ignore[arg-type]

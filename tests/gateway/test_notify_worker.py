@@ -108,12 +108,13 @@ async def test_a_sink_added_to_an_existing_outbox_starts_at_its_head_and_a_remov
 
     added = Outbox(path, sinks=("mqtt", "influx", "notify"))
     await added.open()
-    assert await added.cursor("notify") == await added.head() == 5
+    assert added.cursor("notify") == added.head() == 5
     assert await added.backlog() == {"mqtt": 5, "influx": 5, "notify": 0}  # the history is not notify's to send
-    assert await added.read("notify", 10) == []
+    assert await added.read(added.cursor("notify"), limit=10) == []
     _put(added, _reading)
     await added.flush()
-    assert [it.record["seq"] for it in await added.read("notify", 10)] == [6]  # what comes from now on is
+    owed = await added.read(added.cursor("notify"), limit=10)
+    assert [it.record["seq"] for it in owed] == [6]  # what comes from now on is
     await added.close()
 
     removed = Outbox(path, sinks=("mqtt", "influx"))
@@ -126,7 +127,7 @@ async def test_a_sink_added_to_an_existing_outbox_starts_at_its_head_and_a_remov
 
     fresh = Outbox(tmp_path / "new.sqlite3", sinks=("mqtt", "influx", "notify"))
     await fresh.open()
-    assert await fresh.cursor("notify") == 0
+    assert fresh.cursor("notify") == 0
     await fresh.close()
 
 

@@ -36,7 +36,7 @@ async def test_records_survive_reopen_and_sequences_continue(tmp_path: Path) -> 
 
     again = Outbox(tmp_path / "o.db", sinks=("mqtt", "influx"))
     await again.open()
-    items = await again.read("mqtt", 100)
+    items = await again.read(again.cursor("mqtt"), limit=100)
     assert [it.record["seq"] for it in items] == [1, 2, 3, 4, 5]
     assert again.next_seq("1/ox") == 6  # ids stay unique across a restart
     assert again.next_seq("2/ox") == 1
@@ -45,32 +45,32 @@ async def test_records_survive_reopen_and_sequences_continue(tmp_path: Path) -> 
 
 async def test_each_sink_has_its_own_cursor(tmp_path: Path) -> None:
     box = await _filled(tmp_path / "o.db", 4)
-    items = await box.read("mqtt", 2)
+    items = await box.read(box.cursor("mqtt"), limit=2)
     await box.ack("mqtt", items[-1].id)
     assert await box.backlog() == {"mqtt": 2, "influx": 4}
-    assert [it.record["seq"] for it in await box.read("mqtt", 10)] == [3, 4]
-    assert len(await box.read("influx", 10)) == 4
+    assert [it.record["seq"] for it in await box.read(box.cursor("mqtt"), limit=10)] == [3, 4]
+    assert len(await box.read(box.cursor("influx"), limit=10)) == 4
     await box.close()
 
 
 async def test_rejected_records_are_kept_aside_and_skipped(tmp_path: Path) -> None:
     box = await _filled(tmp_path / "o.db", 3)
-    items = await box.read("influx", 10)
+    items = await box.read(box.cursor("influx"), limit=10)
     await box.reject("influx", items[1:2], "400 field type conflict")
     await box.ack("influx", items[0].id)
     assert await box.rejected_count() == 1
-    remaining = await box.read("influx", 10)
+    remaining = await box.read(box.cursor("influx"), limit=10)
     assert [it.record["seq"] for it in remaining] == [3]
     await box.close()
 
 
 async def test_prune_deletes_only_what_every_sink_settled(tmp_path: Path) -> None:
     box = await _filled(tmp_path / "o.db", 4)
-    items = await box.read("mqtt", 10)
+    items = await box.read(box.cursor("mqtt"), limit=10)
     await box.ack("mqtt", items[-1].id)
     await box.ack("influx", items[1].id)
     assert await box.prune() == 2
-    assert [it.record["seq"] for it in await box.read("influx", 10)] == [3, 4]
+    assert [it.record["seq"] for it in await box.read(box.cursor("influx"), limit=10)] == [3, 4]
     await box.close()
 
 
@@ -81,7 +81,7 @@ async def test_corrupt_database_is_moved_aside_not_a_crash_loop(tmp_path: Path) 
     await box.open()
     box.put("1/ox", box.next_seq("1/ox"), _record(1))
     await box.flush()
-    assert len(await box.read("mqtt", 10)) == 1
+    assert len(await box.read(box.cursor("mqtt"), limit=10)) == 1
     await box.close()
     aside = list(tmp_path.glob("o.db.corrupt-*"))
     assert aside and aside[0].read_bytes().startswith(b"this is not an SQLite")
@@ -96,23 +96,33 @@ async def test_over_its_bounds_the_oldest_readings_go_first_and_are_counted(tmp_
     await box.flush()
     deleted = await box.prune(max_records=1000)
     assert deleted == 501 and box.dropped == 501
-    kept = await box.read_range(0, None, 2000)
+    kept = await box.read(0, limit=2000)
     assert len(kept) == 1000
     assert kept[0].record["type"] == "status"  # statuses (and alarms) are kept; readings go first
     assert [it.record["seq"] for it in kept[1:3]] == [503, 504]  # the oldest readings went
     await box.close()
 
 
-async def test_read_after_gives_the_same_records_from_memory_and_from_disk(tmp_path: Path) -> None:
+async def test_read_gives_the_same_records_from_memory_and_from_disk(tmp_path: Path) -> None:
     from gateway.outbox import RECENT
 
     box = await _filled(tmp_path / "o.db", RECENT + 50)  # the oldest 50 are only on disk now
-    head = await box.head()
-    for after, limit in [(0, 10), (40, 20), (head - 3, 10), (head - 30, 10), (head - 2000, 5), (head, 10)]:
-        got = [it.id for it in await box.read_after(after, limit)]
-        assert got == list(range(after + 1, min(head, after + limit) + 1)), (after, limit)
-        on_disk = [(it.id, it.record) for it in await box.read_range(after, None, limit)]
-        assert on_disk == [(it.id, it.record) for it in await box.read_after(after, limit)]
+    head = box.head()
+    cases: list[tuple[int, int | None, int]] = [
+        (0, None, 10),
+        (40, None, 20),
+        (head - 3, None, 10),
+        (head - 30, None, 10),
+        (head - 2000, None, 5),
+    ]
+    cases += [(head, None, 10), (head - 30, head - 25, 10), (head - 3000, head - 2990, 100), (40, 45, 10)]
+    cases += [(head - 10, head - 10, 10), (head - 4000, head, 3)]
+    for after, before, limit in cases:
+        got = [it.id for it in await box.read(after, before, limit=limit)]
+        upper = head if before is None else before - 1
+        assert got == list(range(after + 1, min(upper, after + limit) + 1)), (after, before, limit)
+        on_disk = [(it.id, it.record) for it in box._read_sync(after, before, limit)]
+        assert on_disk == [(it.id, it.record) for it in await box.read(after, before, limit=limit)]
     await box.close()
 
 
@@ -141,7 +151,7 @@ async def _owed_matches_count(path: Path, ops: list[tuple[str, Any, Any]]) -> No
                     box.put("1/ox", box.next_seq("1/ox"), {"type": kind, "seq": 0})
                 await box.flush()
             elif op in ("ack", "reject"):
-                items = await box.read(a, b)
+                items = await box.read(box.cursor(a), limit=b)
                 if items and op == "ack":
                     await box.ack(a, items[-1].id)
                 elif items:
@@ -176,7 +186,7 @@ async def test_dropped_readings_are_not_owed_after_a_restart(tmp_path: Path) -> 
     again = Outbox(tmp_path / "o.db", sinks=("mqtt", "influx"))
     await again.open()
     assert again.owed() == {"mqtt": 1000, "influx": 1000} == await again.count_owed()
-    items = await again.read("influx", 5000)
+    items = await again.read(again.cursor("influx"), limit=5000)
     await again.ack("influx", items[-1].id)
     assert again.owed() == {"mqtt": 1000, "influx": 0}
     await again.close()

@@ -30,7 +30,7 @@ async def test_a_full_disk_keeps_records_in_memory_bounded_then_commits_them_in_
     filler.unlink()
     await box.flush()
     assert box.storage_error is None
-    items = await box.read_range(0, None, 1000)
+    items = await box.read(0, limit=1000)
     committed = [it.record["i"] for it in items]
     assert committed == sorted(committed), "committed in the order they were put"
     assert {40, 80, 120, 160} <= set(committed), "alarms are never dropped"

@@ -35,7 +35,7 @@ def command(gw: Gateway, topic: str, **fields: Any) -> dict[str, Any]:
 
 async def records(gw: Gateway, kind: str) -> list[dict[str, Any]]:
     await gw.outbox.flush()
-    return [it.record for it in await gw.outbox.read("mqtt", 1000) if it.record["type"] == kind]
+    return [it.record for it in await gw.outbox.read(0, limit=1000) if it.record["type"] == kind]
 
 
 async def test_acknowledge_a_latched_alarm_by_mqtt_command(tmp_path: Path) -> None:
@@ -95,6 +95,6 @@ async def test_records_of_one_device_never_share_a_time(tmp_path: Path) -> None:
     command(gw, "3/command", id="c9", action="acknowledge", alarm_id="3/ox/spo2-low", operator_role="nurse")
     gw._emit(ox, Reading({"spo2": 97}), 100.5)
     await gw.outbox.flush()
-    times = [it.record["time"] for it in await gw.outbox.read("mqtt", 1000) if it.record["room"] == "3"]
+    times = [it.record["time"] for it in await gw.outbox.read(0, limit=1000) if it.record["room"] == "3"]
     assert len(times) == len(set(times)) and times == sorted(times)
     await gw.outbox.close()

@@ -17,13 +17,14 @@ import pytest
 
 from devices.base import Reading
 from devices.registry import get_model
+from gateway.backoff import Backoff
 from gateway.config import InfluxSection, MqttSection
 from gateway.envelope import origin_for, reading_record
 from gateway.outbox import Outbox
-from gateway.sink_worker import SinkWorker
+from gateway.sink_worker import LiveFirst, RenderedBacklog, SinkWorker
 from gateway.sinks.influx import InfluxSink
 from gateway.sinks.mqtt import MqttSink, subscribe
-from tests.helpers import wait_for
+from tests.helpers import fill, wait_for
 
 BACKLOG = 3000
 LIVE = 5
@@ -54,7 +55,8 @@ async def test_live_records_overtake_the_backlog_and_nothing_is_lost(tmp_path: P
     collecting = asyncio.create_task(collect())
     async with asyncio.timeout(10):
         await subscribed.wait()  # the broker has acknowledged the subscription
-    worker = SinkWorker(box, lambda: MqttSink(cfg, "s", "gw", 10.0), "mqtt", batch_size=50, backlog_share=0.5)
+    live_first = LiveFirst(backlog_share=0.5)
+    worker = SinkWorker(box, lambda: MqttSink(cfg, "s", "gw", 10.0), "mqtt", batch_size=50, live_first=live_first)
     working = asyncio.create_task(worker.run())
     try:
         await wait_for(lambda: len(arrived) >= 100, 10)  # the replay is under way
@@ -68,8 +70,8 @@ async def test_live_records_overtake_the_backlog_and_nothing_is_lost(tmp_path: P
         assert {s for r, s, _ in arrived if r == "backlog"} == set(range(1, BACKLOG + 1))
         assert all(historical for room, _, historical in arrived if room == "backlog")
         assert not any(historical for room, _, historical in arrived if room == "live")
-        head = await box.head()
-        await wait_for(lambda: box._cursors["mqtt"] == head, 5)  # settled up to the newest live record
+        head = box.head()
+        await wait_for(lambda: box.cursor("mqtt") == head, 5)  # settled up to the newest live record
         assert await box.backlog() == {"mqtt": 0}
     finally:
         working.cancel()
@@ -91,10 +93,11 @@ async def test_an_influx_backlog_rendered_by_a_worker_process_is_stored_once_and
             record["metrics"]["device_time"], record["device_time"] = 1.0, None
         box.put("backlog/ox", i + 1, record)
     await box.flush()
-    head = await box.head()
+    head = box.head()
 
     cfg = InfluxSection(api="v1", url=influxd.url, database=influx_db)
-    worker = SinkWorker(box, lambda: InfluxSink(cfg), "influx", batch_size=500, offload=True)
+    renderer = RenderedBacklog()
+    worker = SinkWorker(box, lambda: InfluxSink(cfg), "influx", batch_size=500, renderer=renderer)
     working = asyncio.create_task(worker.run())
 
     def stored() -> list[int]:
@@ -106,8 +109,42 @@ async def test_an_influx_backlog_rendered_by_a_worker_process_is_stored_once_and
         assert sorted(stored()) == [i + 1 for i in range(n) if i != poison]  # each once, the poison aside
         assert worker.rejected == 1 and await box.rejected_count() == 1
         assert worker.offloaded >= n - 500  # only the batch holding the poison went the in-process way
-        assert await box.cursor("influx") == head
-        await wait_for(lambda: not worker.renderer_running, 5)  # the renderer process ends with the backlog
+        assert box.cursor("influx") == head
+        await wait_for(lambda: not renderer.running, 5)  # the renderer process ends with the backlog
+    finally:
+        working.cancel()
+        await asyncio.gather(working, return_exceptions=True)
+        await box.close()
+
+
+async def test_a_rejection_a_full_disk_cannot_record_keeps_the_poison_and_the_cursor_until_space_returns(
+    small_fs: Path, influxd: Any, influx_db: str
+) -> None:
+    """Disk full (`retryable`): the rejected pile cannot take the poison, so the sink is retried like a lost link;
+    the cursor stays in front of the poison (in memory too) and nothing is lost or skipped once space returns."""
+    box = Outbox(small_fs / "outbox.sqlite3", sinks=("influx",))
+    await box.open()
+    origin = origin_for("s", "room", "ox", get_model("masimo-ascii1").spec)
+    start, n, poison = time.time() - 60, 20, 7
+    for i in range(n):
+        record = reading_record(origin, i + 1, start + i, Reading({"spo2": 97}, device_time="2026-01-01T10:00:00"))
+        if i == poison:  # a float where every other point has a string: influxd refuses it (field type conflict)
+            record["metrics"]["device_time"], record["device_time"] = 1.0, None
+        box.put("room/ox", i + 1, record)
+    await box.flush()
+    poison_id = box.head() - n + poison + 1
+    filler = fill(small_fs)
+    cfg = InfluxSection(api="v1", url=influxd.url, database=influx_db)
+    worker = SinkWorker(box, lambda: InfluxSink(cfg), "influx", batch_size=50, backoff=Backoff(0.05, 0.2))
+    working = asyncio.create_task(worker.run())
+    try:
+        await wait_for(lambda: "cannot record a rejection" in worker.last_error, 20)
+        assert box.cursor("influx") == poison_id - 1  # up to the poison, not over it
+        assert worker.rejected == 0 and worker.delivered == poison
+        filler.unlink()
+        await wait_for(lambda: worker.delivered + worker.rejected == n, 20)
+        assert worker.rejected == 1 and await box.rejected_count() == 1
+        assert box.cursor("influx") == box.head()
     finally:
         working.cancel()
         await asyncio.gather(working, return_exceptions=True)
@@ -117,9 +154,7 @@ async def test_an_influx_backlog_rendered_by_a_worker_process_is_stored_once_and
 KILLED_WHILE_RENDERING = """
 import asyncio, os, signal, sys
 from pathlib import Path
-from gateway.sink_worker import SinkWorker
-from gateway.outbox import Outbox
-from gateway.sinks.influx import InfluxSink
+from gateway.sink_worker import RenderedBacklog
 
 def children() -> list[int]:
     found = []
@@ -134,10 +169,10 @@ def children() -> list[int]:
     return found
 
 async def main() -> None:
-    worker = SinkWorker(Outbox(Path(sys.argv[1]), ("influx",)), InfluxSink, "influx", offload=True)
-    worker._prepare_pool()
+    renderer = RenderedBacklog()
+    renderer.start("influx")
     if sys.argv[2] == "started":
-        await worker._ready_pool()
+        await renderer.ready()
     else:  # the gateway dies as soon as the renderer process exists, while it is still importing
         while not any(b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children()):
             await asyncio.sleep(0.001)

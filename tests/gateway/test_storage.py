@@ -111,7 +111,7 @@ async def test_an_outbox_written_by_the_previous_version_is_migrated_and_keeps_w
     await box.open()
     assert box.storage is not None and box.storage.migrated_from == 0 and box.storage.damage is None
     assert box.owed() == {"mqtt": 6, "influx": 10}
-    assert [it.record["seq"] for it in await box.read("mqtt", 100)] == [5, 6, 7, 8, 9, 10]
+    assert [it.record["seq"] for it in await box.read(box.cursor("mqtt"), limit=100)] == [5, 6, 7, 8, 9, 10]
     assert await box.rejected_count() == 1
     assert await box.load_state("alarms") is None  # the table the previous version did not have
     box.put_state("alarms", {"active": []})
@@ -268,7 +268,7 @@ async def test_an_undecodable_record_is_read_as_a_rejected_item_and_a_sound_file
     await box.open()
     try:
         assert box.storage is not None and box.storage.damage is None and box.storage.aside is None
-        items = await box.read("mqtt", 100)
+        items = await box.read(box.cursor("mqtt"), limit=100)
         assert [it.id for it in items] == list(range(1, 21))
         broken = {it.record.get("undecodable", "")[:8]: it for it in items if it.error}
         assert {it.id for it in broken.values()} == {7, 12}
@@ -286,7 +286,7 @@ async def test_records_only_in_the_wal_are_salvaged_when_the_main_file_is_damage
     box = await _filled(live, {"1/ox": 200})
     await box.close()  # checkpointed: these are in the main file
     box = await _filled(live, {"1/ox": 300})  # seq 201-500: in the -wal only
-    items = await box.read_range(0, None, 250)
+    items = await box.read(0, limit=250)
     await box.ack("mqtt", items[-1].id)
     await box.flush()
     # What a crash (SIGKILL, power cut) leaves on disk: the main file and the -wal holding every commit since.
@@ -306,7 +306,7 @@ async def test_records_only_in_the_wal_are_salvaged_when_the_main_file_is_damage
     await box.open()
     try:
         assert box.storage is not None and box.storage.damage and box.storage.salvaged == len(carved.records)
-        seqs = [it.record["seq"] for it in await box.read("mqtt", 1000)]
+        seqs = [it.record["seq"] for it in await box.read(box.cursor("mqtt"), limit=1000)]
         assert seqs == list(range(251, 501))  # MQTT's cursor carried over
         assert box.owed()["influx"] == box.storage.salvaged
     finally:
@@ -324,7 +324,7 @@ async def test_a_record_in_overflow_pages_is_salvaged_whole(tmp_path: Path) -> N
     await box.open()
     try:
         assert box.storage is not None and box.storage.salvaged == 51
-        items = await box.read("influx", 100)
+        items = await box.read(box.cursor("influx"), limit=100)
         assert [it.record["type"] for it in items[:3]] == ["reading", "waveform", "reading"]
         assert items[1].record["samples"] == list(range(5000))
     finally:
@@ -345,7 +345,7 @@ async def test_a_garbage_file_salvages_nothing_and_a_new_outbox_works(tmp_path: 
         assert box.next_seq("1/ox") > 40  # never an id that was used
         box.put("1/ox", 41, _record("1/ox", 41))
         await box.flush()
-        assert len(await box.read("mqtt", 10)) == 1
+        assert len(await box.read(box.cursor("mqtt"), limit=10)) == 1
     finally:
         await box.close()
 
@@ -371,7 +371,7 @@ async def test_an_interrupted_salvage_is_finished_at_the_next_start(
     box = Outbox(path, sinks=SINKS)
     await box.open()
     try:
-        assert [it.record["seq"] for it in await box.read("mqtt", 100)] == list(range(1, 31))
+        assert [it.record["seq"] for it in await box.read(box.cursor("mqtt"), limit=100)] == list(range(1, 31))
         assert not (tmp_path / "outbox.sqlite3.salvage").exists()
         assert len(list(tmp_path.glob("outbox.sqlite3.corrupt-*"))) == 1
     finally:

@@ -28,7 +28,7 @@ from devices.registry import get_model
 from gateway.config import InfluxSection, MqttSection
 from gateway.envelope import origin_for, reading_record
 from gateway.outbox import Outbox
-from gateway.sink_worker import SinkWorker
+from gateway.sink_worker import RenderedBacklog, SinkWorker
 from gateway.sinks.influx import InfluxSink
 from gateway.sinks.mqtt import MqttSink, subscribe
 from tests.helpers import wait_for
@@ -254,7 +254,7 @@ async def test_an_undecodable_record_goes_to_the_rejected_pile_and_both_sinks_go
     mqtt = SinkWorker(box, lambda: MqttSink(mqtt_cfg, "s", "gw", 10.0), "mqtt", batch_size=100)
     # A backlog over one batch: InfluxDB's is read and rendered by a worker process (map_rows), the path that
     # meets the bad record first.
-    influx = SinkWorker(box, lambda: InfluxSink(influx_cfg), "influx", batch_size=500, offload=True)
+    influx = SinkWorker(box, lambda: InfluxSink(influx_cfg), "influx", batch_size=500, renderer=RenderedBacklog())
     tasks: list[asyncio.Task[None]] = []
     try:
         async with asyncio.timeout(10):

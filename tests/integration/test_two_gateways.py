@@ -10,6 +10,7 @@ one: the second login takes the first's client id over, and the first's last wil
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def broker(site: Path, tmp_path: Path) -> Iterator[Mosquitto]:
 
 def gateway_on(host_name: str, site: Path, broker: Mosquitto, folder: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
     """The shipped template as loaded on a PC named `host_name`, with that PC's password file from its bundle."""
-    monkeypatch.setattr(gateway.config.socket, "gethostname", lambda: host_name)
+    monkeypatch.setattr(socket, "gethostname", lambda: host_name)
     gid = gateway.config.host_gateway_id()
     password = folder / f"{gid}-mqtt-password"
     password.write_text(read_env(site / "passwords.env")[password_key(f"gateway-{gid}")] + "\n")
