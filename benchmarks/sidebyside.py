@@ -474,12 +474,12 @@ def aggregate(layout: Layout, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _fmt(spread: dict[str, float] | None, digits: int = 1) -> str:
+def _fmt(spread: dict[str, float] | None, digits: int = 1, unit: str = "") -> str:
     if spread is None:
         return "-"
     if spread["min"] == spread["max"]:
-        return f"{spread['median']:.{digits}f}"
-    return f"{spread['median']:.{digits}f} ({spread['min']:.{digits}f}-{spread['max']:.{digits}f})"
+        return f"{spread['median']:.{digits}f}{unit}"
+    return f"{spread['median']:.{digits}f}{unit} ({spread['min']:.{digits}f}-{spread['max']:.{digits}f})"
 
 
 def table(rows: list[dict[str, Any]], no_peer: str | None) -> str:
@@ -492,7 +492,7 @@ def table(rows: list[dict[str, Any]], no_peer: str | None) -> str:
         first = True
         for key, label in METRICS:
             digits = {"cpu_ms_per_reading": 3, "p99_ms": 2, "influxd_cpu_pct": 2}.get(key, 1)
-            ratio = _fmt(row[key]["ratio"], 2) + ("x" if row[key]["ratio"] else "")
+            ratio = _fmt(row[key]["ratio"], 2, "x")
             if row[key]["ratio"] is None and no_peer:
                 ratio = "not measured"
             out.append(
@@ -598,10 +598,11 @@ def run_cli(
     window_s = window if window is not None else 10 if quick else 60
     warmup_s = 2 if quick else 5
     workdir = Path(tempfile.mkdtemp(prefix="bench-sidebyside-"))
-    layouts = 2 * len(sizes) * 2 + (1 if site else 0)
+    configs = 2 * len(sizes) + (1 if site else 0)
+    runs = reps * (2 * 2 * len(sizes) + (1 if site else 0))
     print(
-        f"side by side with the Node-RED peer: {reps} alternating runs of {layouts} side-configurations, "
-        f"{window_s:g} s windows (about {layouts * reps * (window_s + warmup_s + 20) / 60:.0f} min); logs in {workdir}",
+        f"side by side with the Node-RED peer: {configs} configurations, {reps} alternating runs each ({runs} runs of "
+        f"{window_s:g} s, about {runs * (window_s + warmup_s + 12) / 60:.0f} min); logs in {workdir}",
         flush=True,
     )
     try:
