@@ -7,7 +7,9 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVarTuple
+
+import msgspec
 
 from devices.base import DeviceStatus, Reading, Waveform
 from gateway.alarms import AlarmEngine, EngineEvent, RoomModeEvent, SessionEvent
@@ -16,6 +18,10 @@ from gateway.clock import ClockCheck
 from gateway.commands import CommandRouter
 from gateway.config import Config
 from gateway.envelope import (
+    GatewayCounters,
+    GatewayStatusMessage,
+    Origin,
+    Record,
     alarm_record,
     gateway_origin,
     gateway_status_record,
@@ -41,6 +47,7 @@ if TYPE_CHECKING:
     from gateway.notify.worker import NotifyWorker
 
 log = logging.getLogger(__name__)
+Args = TypeVarTuple("Args")
 CLOCK_CHECK_S = 60.0
 LINK_FLAP_WINDOW_S = 60.0
 LINK_FLAP_LOSSES = 3
@@ -122,17 +129,17 @@ class Gateway:
     def _command(self, topic: str, payload: bytes) -> bytes | None:
         return self.router.handle(topic, payload)
 
-    def _put(self, key: str, build: Callable[..., dict[str, Any]], origin: dict[str, str], *args: Any) -> None:
-        """Number the record in its key's sequence, build it and queue it for the next commit. Its time is made
-        strictly later than the key's previous record: InfluxDB identifies a point by series and time, so two
-        records stamped alike (lines that arrived in one read, an acknowledgement and the clear it causes) would
-        overwrite each other there."""
+    def _put(self, key: str, build: Callable[[Origin, int, *Args], Record], origin: Origin, *args: *Args) -> None:
+        """Number the record in its key's sequence, build it (`build(origin, seq, *args)`: mypy checks `args`
+        against the builder) and queue it for the next commit. Its time is made strictly later than the key's
+        previous record: InfluxDB identifies a point by series and time, so two records stamped alike (lines that
+        arrived in one read, an acknowledgement and the clear it causes) would overwrite each other there."""
         seq = self.outbox.next_seq(key)
         record = build(origin, seq, *args)
         last = self._last_time.get(key)
-        if last is not None and record["time"] <= last:
-            record["time"] = iso_after(last)
-        self._last_time[key] = record["time"]
+        if last is not None and record.time <= last:
+            record = msgspec.structs.replace(record, time=iso_after(last))
+        self._last_time[key] = record.time
         self.outbox.put(key, seq, record)
 
     def _emit(self, session: DeviceSession, event: Reading | DeviceStatus | Waveform, now: float) -> None:
@@ -269,7 +276,7 @@ class Gateway:
             if not records or not isinstance(sink, MqttSink):
                 continue
             try:
-                await sink.write([{**record, "durable": False} for record in records])
+                await sink.write_undurable(records)
             except SinkUnavailable as exc:
                 log.warning("%d undurable records not published: %s", len(records), exc)
 
@@ -285,47 +292,50 @@ class Gateway:
                 self._alarm_events(events)
             await asyncio.sleep(CLOCK_CHECK_S)
 
-    async def status(self) -> dict[str, Any]:
+    def status_message(self) -> GatewayStatusMessage:
         """From memory only (the health endpoint asks per request): no query, no file read, nothing that queues
         behind the outbox's threads."""
         backlog = self.outbox.owed()
         if "_version" not in self.__dict__:
             self.__dict__["_version"] = package_version()  # reads the package metadata: once
-        return {
-            "v": 1,
-            "type": "gateway",
-            "site": self.cfg.gateway.site,
-            "gateway": self.cfg.gateway.id,
-            "time": iso_utc(time.time()),
-            "version": self.__dict__["_version"],
-            "devices": {s.key: str(s.state) if s.state else "starting" for s in self.sessions},
-            "counters": {
-                "received": self.received,
-                "committed": self.outbox.committed,
-                "published": self.mqtt.delivered,
-                "written": self.influx.delivered,
-                "protocol_errors": sum(s.protocol_errors for s in self.sessions),
-                "backlog_mqtt": backlog.get("mqtt", 0),
-                "backlog_influx": backlog.get("influx", 0),
-                "rejected": self.mqtt.rejected + self.influx.rejected,
-                "dropped": self.outbox.dropped,
-                "unsaved": self.outbox.unsaved if self.outbox.storage_error else 0,
-                "unsaved_dropped": self.outbox.unsaved_dropped,
-            },
-            "links": {
+        return GatewayStatusMessage(
+            site=self.cfg.gateway.site,
+            gateway=self.cfg.gateway.id,
+            time=iso_utc(time.time()),
+            version=self.__dict__["_version"],
+            devices={s.key: str(s.state) if s.state else "starting" for s in self.sessions},
+            counters=GatewayCounters(
+                received=self.received,
+                committed=self.outbox.committed,
+                published=self.mqtt.delivered,
+                written=self.influx.delivered,
+                protocol_errors=sum(s.protocol_errors for s in self.sessions),
+                backlog_mqtt=backlog.get("mqtt", 0),
+                backlog_influx=backlog.get("influx", 0),
+                rejected=self.mqtt.rejected + self.influx.rejected,
+                dropped=self.outbox.dropped,
+                unsaved=self.outbox.unsaved if self.outbox.storage_error else 0,
+                unsaved_dropped=self.outbox.unsaved_dropped,
+            ),
+            links={
                 "mqtt": "up" if self.mqtt.connected else "down",
                 "influx": "up" if self.influx.connected else "down",
                 "storage": "up" if self.outbox.storage_error is None else "down",
                 **{s.key: str(s.state) if s.state else "starting" for s in self.sessions},
             },
-            "state": "online"
+            state="online"
             if self.mqtt.connected and self.influx.connected and self.outbox.storage_error is None
             else "degraded",
-        }
+        )
+
+    async def status(self) -> dict[str, Any]:
+        """The status as the health endpoint serves it: the retained gateway status message, as JSON values."""
+        status: dict[str, Any] = msgspec.to_builtins(self.status_message())
+        return status
 
     async def _status_loop(self) -> None:
         while True:
-            body = await self.status()
+            body = self.status_message()
             sink = self.mqtt.sink
             if isinstance(sink, MqttSink):
                 sink.gateway_status = body

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ValidationError
 
 from gateway.config import CommandsSection
-from gateway.envelope import COMMAND_ID, CommandReply, DeviceCommand, RoomCommand, iso_utc
+from gateway.envelope import COMMAND_ID, CommandReply, DeviceCommand, RoomCommand, encode, iso_utc
 from gateway.session import CommandRejected, DeviceSession
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,7 @@ class RoomActions(Protocol):
 
 
 def _reply(command_id: str | None, ok: bool, reason: str = "", repeat: bool = False) -> bytes:
-    reply = CommandReply(id=command_id, ok=ok, reason=reason, repeat=repeat, time=iso_utc(time.time()))
-    return reply.model_dump_json().encode()
+    return encode(CommandReply(id=command_id, ok=ok, reason=reason, repeat=repeat, time=iso_utc(time.time())))
 
 
 def depth_exceeds(text: str, limit: int) -> bool:

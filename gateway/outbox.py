@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway import storage
+from gateway.envelope import ReadingMessage, Record, WaveformMessage, decode, encode, record_type
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
@@ -71,11 +72,24 @@ def storage_reason(exc: BaseException) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Item:
+    """A committed record: its id, its JSON body as stored (what MQTT publishes as it is) and the record decoded
+    from that body (gateway/envelope.py)."""
+
     id: int
-    record: dict[str, Any]
-    # Why the stored body is not a record (damaged on disk): then `record` holds only the raw text, and the sink
-    # worker puts the item on the rejected pile with this reason instead of sending it.
+    # None when the stored body is not a record (damaged on disk): `error` says why, and the sink worker puts the
+    # item on the rejected pile with that reason instead of sending it.
+    record: Record | None
+    body: bytes
     error: str = ""
+
+    def decoded(self) -> Record:
+        """The record; for a damaged body a ValueError (a record's fault: the sink worker rejects it)."""
+        if self.record is None:
+            raise ValueError(self.error or f"record {self.id} has no decoded body")
+        return self.record
+
+
+Queued = tuple[str, int, Record, bytes]  # key, seq, record, its body: put, waiting for the next commit
 
 
 def _select_range(db: sqlite3.Connection, after_id: int, before_id: int | None, limit: int) -> list[tuple[int, bytes]]:
@@ -89,23 +103,19 @@ def _select_range(db: sqlite3.Connection, after_id: int, before_id: int | None, 
 
 
 def _decode(record_id: int, body: bytes) -> Item:
-    """The record of a stored body; an undecodable body becomes an Item with `error` set, never an exception."""
+    """The record of a stored body; a body that is not a record (not UTF-8, not JSON, an unknown type, a field
+    missing or of the wrong type) becomes an Item with `error` set, never an exception."""
     try:
-        record = json.loads(body)
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        reason = f"undecodable in the outbox: {type(exc).__name__}: {exc}"
-    else:
-        if isinstance(record, dict) and isinstance(record.get("type"), str):
-            return Item(record_id, record)
-        reason = "undecodable in the outbox: not a JSON object with a type"
-    return Item(record_id, {"undecodable": body.decode("utf-8", "backslashreplace")}, reason[:500])
+        return Item(record_id, decode(body), body)
+    except ValueError as exc:  # msgspec's DecodeError and ValidationError are ValueErrors
+        return Item(record_id, None, body, f"undecodable in the outbox: {type(exc).__name__}: {exc}"[:500])
 
 
 _worker_dbs: dict[str, sqlite3.Connection] = {}  # map_rows' connections, one per outbox file in a worker process
 
 
 def map_rows(
-    path: str, fn: Callable[[list[dict[str, Any]]], T], after_id: int, before_id: int | None, limit: int
+    path: str, fn: Callable[[list[Record]], T], after_id: int, before_id: int | None, limit: int
 ) -> tuple[int, int, T] | None:
     """The worker-process read (the sink worker's RenderedBacklog): read and decode a range and apply `fn` to it in
     that process, so the gateway's interpreter (and its GIL) never holds the records. (last id, count, fn's result),
@@ -117,10 +127,11 @@ def map_rows(
     if not rows:
         return None
     items = [_decode(i, body) for i, body in rows]
-    bad = next((it for it in items if it.error), None)
-    if bad is not None:  # the caller sends this range the usual way, which puts the bad record on the rejected pile
+    records = [it.record for it in items if it.record is not None]
+    if len(records) < len(items):  # the caller sends this range the usual way: the bad record goes to the rejected pile
+        bad = next(it for it in items if it.record is None)
         raise ValueError(f"record {bad.id}: {bad.error}")
-    return rows[-1][0], len(rows), fn([it.record for it in items])
+    return rows[-1][0], len(rows), fn(records)
 
 
 class Outbox:
@@ -133,7 +144,7 @@ class Outbox:
         self._read_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-read")
         self._db: sqlite3.Connection | None = None
         self._rdb: sqlite3.Connection | None = None
-        self._pending: list[tuple[str, int, dict[str, Any]]] = []
+        self._pending: list[Queued] = []
         self._pending_done: list[asyncio.Future[None]] = []
         self._pending_state: dict[str, str] = {}  # name -> JSON, written in the same transaction as the records
         self._wake = asyncio.Event()
@@ -157,7 +168,7 @@ class Outbox:
         self.storage_error: str | None = None
         self.storage_error_since: float | None = None
         self.unsaved_dropped = 0  # readings lost because memory's bound was reached while storage was unusable
-        self._unsaved_new: list[dict[str, Any]] = []  # records to hand to live sinks before they are durable
+        self._unsaved_new: list[Record] = []  # records to hand to live sinks before they are durable
         self.unsaved_ready = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -264,10 +275,11 @@ class Outbox:
             return None
         return value if isinstance(value, dict) else None
 
-    def put(self, key: str, seq: int, record: dict[str, Any]) -> asyncio.Future[None]:
-        """Queue a record for the next group commit; the future resolves once it is durable."""
+    def put(self, key: str, seq: int, record: Record) -> asyncio.Future[None]:
+        """Queue a record for the next group commit; the future resolves once it is durable. Its JSON is encoded
+        here, once: the commit stores those bytes and MQTT publishes them."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((key, seq, record))
+        self._pending.append((key, seq, record, encode(record)))
         self._pending_done.append(fut)
         if self.storage_error is not None:
             self._unsaved_new.append(record)
@@ -282,7 +294,7 @@ class Outbox:
         """Records waiting in memory for a commit (while storage is unusable: not yet durable)."""
         return len(self._pending)
 
-    def take_unsaved(self) -> list[dict[str, Any]]:
+    def take_unsaved(self) -> list[Record]:
         """Records put since the last call while storage is unusable: for live sinks to send them before they are
         durable (the wall and the alarms keep working); they are sent again, durable, once committed."""
         taken, self._unsaved_new = self._unsaved_new, []
@@ -294,8 +306,8 @@ class Outbox:
         if over <= 0:
             return
         keep: list[int] = []
-        for i, (_, _, record) in enumerate(self._pending):
-            if over > 0 and record["type"] in ("reading", "waveform"):
+        for i, (_, _, record, _) in enumerate(self._pending):
+            if over > 0 and isinstance(record, ReadingMessage | WaveformMessage):
                 over -= 1
                 fut = self._pending_done[i]
                 if not fut.done():
@@ -373,7 +385,7 @@ class Outbox:
         self.committed += len(batch)
         self._stored += len(batch)
         first = last - len(batch) + 1
-        self._recent.extend(Item(first + i, record) for i, (_, _, record) in enumerate(batch))
+        self._recent.extend(Item(first + i, record, body) for i, (_, _, record, body) in enumerate(batch))
         self._head = last
         for fut in done:
             if not fut.done():
@@ -383,7 +395,7 @@ class Outbox:
 
     def _keep_unsaved(
         self,
-        batch: list[tuple[str, int, dict[str, Any]]],
+        batch: list[Queued],
         done: list[asyncio.Future[None]],
         cursors: dict[str, int],
         state: dict[str, str],
@@ -407,16 +419,14 @@ class Outbox:
                 MAX_UNSAVED,
                 self.path.parent,
             )
-            self._unsaved_new = [record for _, _, record in batch] + self._unsaved_new
+            self._unsaved_new = [record for _, _, record, _ in batch] + self._unsaved_new
             self.unsaved_ready.set()
         self._bound_unsaved()
 
     def _cursors_sync(self, cursors: dict[str, int]) -> None:
         self._save_cursors(self._conn, cursors)
 
-    def _commit_sync(
-        self, batch: list[tuple[str, int, dict[str, Any]]], cursors: dict[str, int], state: dict[str, str]
-    ) -> int:
+    def _commit_sync(self, batch: list[Queued], cursors: dict[str, int], state: dict[str, str]) -> int:
         """One transaction; returns the last id (ids within it are consecutive: one writer, AUTOINCREMENT)."""
         db = self._conn
         now = time.time()
@@ -427,10 +437,10 @@ class Outbox:
             )
             db.executemany(
                 "INSERT INTO records(key, seq, type, body, created) VALUES (?, ?, ?, ?, ?)",
-                [(k, s, r["type"], json.dumps(r, separators=(",", ":")), now) for k, s, r in batch],
+                [(k, s, record_type(r), body.decode(), now) for k, s, r, body in batch],  # TEXT, as ever
             )
             last: dict[str, int] = {}
-            for k, s, _ in batch:
+            for k, s, _, _ in batch:
                 last[k] = max(s, last.get(k, 0))
             db.executemany(
                 "INSERT INTO sequences(key, seq) VALUES (?, ?) "
@@ -512,7 +522,7 @@ class Outbox:
         with storage.transaction(db):  # rolled back on an error: the connection is not left mid-transaction
             db.executemany(
                 "INSERT INTO rejected(sink, record_id, reason, at, body) VALUES (?, ?, ?, ?, ?)",
-                [(sink, it.id, reason, now, json.dumps(it.record)) for it in items],
+                [(sink, it.id, reason, now, it.body.decode("utf-8", "backslashreplace")) for it in items],
             )
             if advance:
                 last = max(it.id for it in items)

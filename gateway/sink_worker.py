@@ -198,7 +198,7 @@ class SinkWorker:
         if broken is not None:
             return WriteResult(Outcome.REJECTED, broken.error)
         try:
-            return await sink.write([it.record for it in batch.items])
+            return await sink.write(batch.items)
         except RECORD_ERRORS as exc:
             return WriteResult(Outcome.REJECTED, f"{self.name} cannot encode the record: {exc!r}"[:500])
 

@@ -13,12 +13,24 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from devices.base import DeviceState, DeviceStatus, Reading, Waveform
 from devtools.localservices import find_free_port
+from gateway.alarms import AlarmEvent
+from gateway.envelope import (
+    Origin,
+    Record,
+    alarm_record,
+    encode,
+    reading_record,
+    status_record,
+    waveform_record,
+)
+from gateway.outbox import Item
 
 
 @dataclass(frozen=True)
@@ -140,3 +152,27 @@ def health(port: int) -> dict[str, Any]:
             return body
     except OSError:
         return {}
+
+
+def as_items(records: Sequence[Record], first_id: int = 1) -> list[Item]:
+    """Records as committed outbox items (the body as the outbox stores it): what a sink's `write` takes."""
+    return [Item(first_id + i, r, encode(r)) for i, r in enumerate(records)]
+
+
+def record_for(key: str, seq: int, kind: str = "reading", pad: int = 0, at: float | None = None) -> Record:
+    """A record of `kind` (reading, status, alarm or waveform) for the outbox key `key` ("room/device"), as the
+    gateway builds it; `pad` makes its body about that many characters longer (a large record)."""
+    room, device = key.split("/")
+    origin: Origin = {"site": "s", "room": room, "device": device, "model": "masimo-ascii1", "kind": "pulse_oximeter"}
+    t = 1_700_000_000.0 + seq if at is None else at
+    if kind == "status":
+        return status_record(origin, seq, t, DeviceStatus(DeviceState.OK, detail="x" * pad))
+    if kind == "waveform":
+        return waveform_record(origin, seq, t, Waveform("pleth", tuple(range(pad)), 75.0))
+    if kind == "alarm":
+        event = AlarmEvent(
+            f"{key}/spo2-low", room, device, "spo2-low", "physiological", "high", "raised", True, t, "spo2", 85.0,
+            message="x" * pad,
+        )  # fmt: skip
+        return alarm_record(origin, seq, event, "test", False)
+    return reading_record(origin, seq, t, Reading({"spo2": 90.0 + seq % 9}, ("x" * pad,) if pad else ()))

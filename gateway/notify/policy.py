@@ -28,40 +28,20 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
 from devices.base import METRICS
+from gateway.alarms import Priority, Transition
 from gateway.config import NotifyRoute, NotifySection
+from gateway.envelope import AlarmMessage, Record, RoomModeMessage
 
 NOTIFIED = frozenset({"raised", "escalated", "acknowledged", "cleared", "suspended"})
 ENDINGS = frozenset({"cleared", "suspended"})
 RANK = {"low": 0, "medium": 1, "high": 2}
 SUMMARY_LINES = 25  # a summary names this many messages, then counts the rest
 RETRY_BASE_S = 1.0
-# The fields of an alarm record a message is made of: rooms, devices, rules and values; records carry no patient data.
-FIELDS = (
-    "id",
-    "site",
-    "room",
-    "device",
-    "alarm_id",
-    "rule",
-    "alarm_kind",
-    "priority",
-    "transition",
-    "metric",
-    "value",
-    "limit",
-    "message",
-    "role",
-    "since",
-    "time",
-    "quality",
-    "indeterminate",
-    "example_profile",
-)
 Severity = Literal["info", "success", "warning", "failure"]
 
 
@@ -70,13 +50,63 @@ def epoch(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
+@dataclass(frozen=True, slots=True)
+class AlarmFacts:
+    """The fields of an alarm record a message is made of (rooms, devices, rules and values; records carry no
+    patient data): what the notifier keeps of an alarm in its durable state (its snapshot holds them as a dict)."""
+
+    id: str
+    site: str
+    room: str
+    device: str
+    alarm_id: str
+    rule: str
+    alarm_kind: Literal["physiological", "technical"]
+    priority: Priority
+    transition: Transition
+    metric: str | None
+    value: float | None
+    limit: float | None
+    message: str
+    role: str | None
+    since: str | None
+    time: str
+    quality: list[str]
+    indeterminate: bool
+    example_profile: bool
+
+    @classmethod
+    def of(cls, r: AlarmMessage) -> AlarmFacts:
+        return cls(
+            id=r.id,
+            site=r.site,
+            room=r.room,
+            device=r.device,
+            alarm_id=r.alarm_id,
+            rule=r.rule,
+            alarm_kind=r.alarm_kind,
+            priority=r.priority,
+            transition=r.transition,
+            metric=r.metric,
+            value=r.value,
+            limit=r.limit,
+            message=r.message,
+            role=r.role,
+            since=r.since,
+            time=r.time,
+            quality=list(r.quality),
+            indeterminate=r.indeterminate,
+            example_profile=r.example_profile,
+        )
+
+
 @dataclass
 class Pending:
     """One message waiting for its target."""
 
     ref: str  # unique and stable: sent again after a crash, it carries the same ref, so duplicates can be told
     target: str
-    alarm: dict[str, Any]  # the alarm record's FIELDS
+    alarm: AlarmFacts
     event_time: float  # when what it tells happened (an escalation step: when it fell due)
     source: int  # the outbox id of the alarm record it comes from (named on the rejected pile)
     step: int = 0  # 0: the alarm's own transition; n: escalation step n (past the chain: a reminder)
@@ -87,7 +117,7 @@ class Pending:
 class Tracked:
     """An alarm that is active as far as notifications go."""
 
-    alarm: dict[str, Any]  # its latest record's FIELDS
+    alarm: AlarmFacts  # of its latest record
     source: int
     told: list[str] = field(default_factory=list)  # targets a message about it was queued for
     step: int = 0  # escalation steps taken since the chain (re)started
@@ -141,23 +171,21 @@ class Notifier:
 
     # -- records in ------------------------------------------------------------------------------------------
 
-    def on_record(self, source: int, record: dict[str, Any], now: float) -> bool:
+    def on_record(self, source: int, record: Record, now: float) -> bool:
         """Take one outbox record (`source`: its outbox id). True when the state changed (save it)."""
-        kind = record.get("type")
-        if kind == "room_mode":
+        if isinstance(record, RoomModeMessage):
             return self._room_mode(record)
-        if kind != "alarm":
+        if not isinstance(record, AlarmMessage):
             return False
-        key, _, seq = str(record.get("id", "")).rpartition("/")
-        if key and seq.isdigit():
-            if int(seq) <= self._seen.get(key, 0):
-                return False  # taken in before a crash that came before the cursor was saved
-            self._seen[key] = int(seq)
-        alarm = {name: record.get(name) for name in FIELDS}
-        alarm_id, transition = str(alarm["alarm_id"]), str(alarm["transition"])
-        at = epoch(str(alarm["time"]))
+        key = f"{record.room}/{record.device}"
+        if record.seq <= self._seen.get(key, 0):
+            return False  # taken in before a crash that came before the cursor was saved
+        self._seen[key] = record.seq
+        alarm = AlarmFacts.of(record)
+        alarm_id, transition = alarm.alarm_id, alarm.transition
+        at = epoch(alarm.time)
         tracked = self.alarms.get(alarm_id)
-        quiet = alarm["room"] in self.standby
+        quiet = alarm.room in self.standby
         if transition == "raised" or (transition == "escalated" and tracked is None):
             tracked = self.alarms[alarm_id] = Tracked(alarm, source)
             if not quiet:
@@ -184,32 +212,32 @@ class Notifier:
             self._cancel_steps(alarm_id)
             self._tell(tracked, tracked.told, alarm, source, at)
         else:  # indeterminate, resumed: the alarm stays, unacknowledged; its chain goes on
-            tracked.alarm = {**tracked.alarm, "indeterminate": alarm["indeterminate"]}
+            tracked.alarm = replace(tracked.alarm, indeterminate=alarm.indeterminate)
         return True
 
-    def _room_mode(self, record: dict[str, Any]) -> bool:
-        room = str(record.get("room"))
-        if record.get("mode") == "standby":
+    def _room_mode(self, record: RoomModeMessage) -> bool:
+        room = record.room
+        if record.mode == "standby":
             self.standby.add(room)
             for alarm_id, tracked in self.alarms.items():
-                if tracked.alarm["room"] == room:
+                if tracked.alarm.room == room:
                     tracked.next_due = None
                     self._cancel_steps(alarm_id)
         else:
             self.standby.discard(room)
         return True
 
-    def _matches(self, route: NotifyRoute, alarm: dict[str, Any]) -> bool:
+    def _matches(self, route: NotifyRoute, alarm: AlarmFacts) -> bool:
         return (
-            alarm["priority"] in route.priorities
-            and alarm["alarm_kind"] in route.kinds
-            and (not route.rooms or alarm["room"] in route.rooms)
+            alarm.priority in route.priorities
+            and alarm.alarm_kind in route.kinds
+            and (not route.rooms or alarm.room in route.rooms)
         )
 
-    def _route_targets(self, alarm: dict[str, Any]) -> list[str]:
+    def _route_targets(self, alarm: AlarmFacts) -> list[str]:
         return [t for route in self.cfg.routes if self._matches(route, alarm) for t in route.targets]
 
-    def _chain(self, alarm: dict[str, Any]) -> NotifyRoute | None:
+    def _chain(self, alarm: AlarmFacts) -> NotifyRoute | None:
         """The escalation chain of an alarm: the first matching route that has one."""
         return next((r for r in self.cfg.routes if r.escalate_to and self._matches(r, alarm)), None)
 
@@ -220,17 +248,17 @@ class Notifier:
         if tracked.next_due is not None and tracked.paused_until is not None:
             tracked.next_due = max(tracked.next_due, tracked.paused_until)
 
-    def _tell(self, tracked: Tracked, targets: Iterable[str], alarm: dict[str, Any], source: int, at: float) -> None:
-        if alarm["transition"] not in NOTIFIED:
+    def _tell(self, tracked: Tracked, targets: Iterable[str], alarm: AlarmFacts, source: int, at: float) -> None:
+        if alarm.transition not in NOTIFIED:
             return
         for target in dict.fromkeys(targets):  # each once, in route order
-            self.queue.append(Pending(f"{alarm['id']}>{target}", target, alarm, at, source))
+            self.queue.append(Pending(f"{alarm.id}>{target}", target, alarm, at, source))
             if target not in tracked.told:
                 tracked.told.append(target)
 
     def _cancel_steps(self, alarm_id: str) -> None:
         """Escalation steps of this alarm not yet sent are dropped: it is acknowledged, ended or in standby."""
-        self.queue = [p for p in self.queue if not (p.step and p.alarm["alarm_id"] == alarm_id)]
+        self.queue = [p for p in self.queue if not (p.step and p.alarm.alarm_id == alarm_id)]
 
     # -- time ------------------------------------------------------------------------------------------------
 
@@ -241,14 +269,14 @@ class Notifier:
             if tracked.next_due is None or now < tracked.next_due:
                 continue
             route = self._chain(tracked.alarm)
-            if route is None or tracked.alarm["room"] in self.standby:
+            if route is None or tracked.alarm.room in self.standby:
                 tracked.next_due = None
                 continue
             chain = route.escalate_to
             tracked.step += 1
             step = tracked.step
             targets = [chain[step - 1]] if step <= len(chain) else list(tracked.told)
-            since = tracked.alarm["since"] or tracked.alarm["time"]
+            since = tracked.alarm.since or tracked.alarm.time
             for target in dict.fromkeys(targets):
                 ref = f"{alarm_id}@{since}/step{step}>{target}"
                 self.queue.append(Pending(ref, target, tracked.alarm, now, tracked.source, step))
@@ -351,16 +379,16 @@ class Notifier:
         if p.step:
             route = self._chain(a)
             chain = len(route.escalate_to) if route is not None else 0
-            waited = _duration(p.event_time - epoch(str(a["since"] or a["time"])))
+            waited = _duration(p.event_time - epoch(a.since or a.time))
             word = f"ESCALATION {p.step}" if p.step <= chain else "REMINDER"
             return f"{word}: not acknowledged for {waited}"
-        transition = a["transition"]
+        transition = a.transition
         if transition == "raised":
             return "ALARM"
         if transition == "escalated":
-            return f"ALARM ESCALATED to {str(a['priority']).upper()}"
+            return f"ALARM ESCALATED to {a.priority.upper()}"
         if transition == "acknowledged":
-            return f"acknowledged by {a['role']}" if a["role"] else "acknowledged"
+            return f"acknowledged by {a.role}" if a.role else "acknowledged"
         if transition == "suspended":
             return "ended: the room was put in standby (nobody monitored there)"
         return "cleared"
@@ -368,9 +396,9 @@ class Notifier:
     def _single(self, p: Pending, now: float) -> Text:
         a = p.alarm
         what = self._what(p)
-        active = p.step > 0 or a["transition"] in ("raised", "escalated")
-        where = f"gateway {a['device']}" if a["room"] == "_gateway" else f"room {a['room']} {a['device']}"
-        title = f"[{a['site']}] {str(a['priority']).upper()} {where}: {a['message'] or a['rule']} - {what}"
+        active = p.step > 0 or a.transition in ("raised", "escalated")
+        where = f"gateway {a.device}" if a.room == "_gateway" else f"room {a.room} {a.device}"
+        title = f"[{a.site}] {a.priority.upper()} {where}: {a.message or a.rule} - {what}"
         lines: list[str] = []
         age = now - p.event_time
         if age > self.cfg.stale_after_s:
@@ -379,43 +407,43 @@ class Notifier:
                 f"LATE: this is about {_clock(p.event_time, now)}, {_duration(age)} ago (delivered late: the target "
                 "was unreachable or over its rate limit). The wall shows the present."
             )
-        lines.append(f"{what}: {a['message'] or a['rule']} (rule {a['rule']}, {a['alarm_kind']})")
-        lines.append(f"Where: {where} (site {a['site']})")
+        lines.append(f"{what}: {a.message or a.rule} (rule {a.rule}, {a.alarm_kind})")
+        lines.append(f"Where: {where} (site {a.site})")
         value = _value_line(a)
         if value:
             lines.append(value)
-        if a["quality"]:
-            lines.append(f"Signal quality: {', '.join(a['quality'])}")
-        if a["indeterminate"]:
+        if a.quality:
+            lines.append(f"Signal quality: {', '.join(a.quality)}")
+        if a.indeterminate:
             lines.append("The device's data is not current: the condition cannot be judged now")
-        lines.append(f"Priority: {str(a['priority']).upper()}")
-        since = a["since"] or a["time"]
-        lines.append(f"Since: {_clock(epoch(str(since)), now)} ({_duration(now - epoch(str(since)))} ago)")
+        lines.append(f"Priority: {a.priority.upper()}")
+        since = a.since or a.time
+        lines.append(f"Since: {_clock(epoch(since), now)} ({_duration(now - epoch(since))} ago)")
         if active:
             lines.append(_ack_hint(a))
-        if a["example_profile"]:
+        if a.example_profile:
             lines.append("Alarm profile: the shipped EXAMPLE, not clinical advice")
         lines.append(f"Ref: {p.ref}")
         return Text(title, "\n".join(lines), _severity(a, active))
 
     def _summary(self, out: Outgoing, items: list[Pending], now: float) -> Text:
         spec = self.cfg.targets[out.target]
-        top = max(items, key=lambda p: RANK.get(str(p.alarm["priority"]), 0))
-        site = top.alarm["site"]
+        top = max(items, key=lambda p: RANK.get(p.alarm.priority, 0))
+        site = top.alarm.site
         title = f"[{site}] {len(items)} alarm notifications in one (at most {spec.max_messages} per {spec.per_s:g} s)"
         lines: list[str] = []
         oldest = min(p.event_time for p in items)
         if now - oldest > self.cfg.stale_after_s:
             title = f"LATE {_duration(now - oldest)}: {title}"
             lines.append(f"LATE: the oldest is from {_clock(oldest, now)}, {_duration(now - oldest)} ago")
-        ordered = sorted(items, key=lambda p: (-RANK.get(str(p.alarm["priority"]), 0), p.event_time))
+        ordered = sorted(items, key=lambda p: (-RANK.get(p.alarm.priority, 0), p.event_time))
         for p in ordered[:SUMMARY_LINES]:
             a = p.alarm
-            where = f"gateway {a['device']}" if a["room"] == "_gateway" else f"room {a['room']} {a['device']}"
+            where = f"gateway {a.device}" if a.room == "_gateway" else f"room {a.room} {a.device}"
             value = _value_line(a)
             detail = f" ({value})" if value else ""
             lines.append(
-                f"- {str(a['priority']).upper()} {where}: {a['message'] or a['rule']} - {self._what(p)} at "
+                f"- {a.priority.upper()} {where}: {a.message or a.rule} - {self._what(p)} at "
                 f"{_clock(p.event_time, now)}{detail}"
             )
         if len(ordered) > SUMMARY_LINES:
@@ -442,12 +470,15 @@ class Notifier:
         if snapshot.get("v") != 1:
             raise ValueError(f"unknown notify state version {snapshot.get('v')!r}")
         dropped: list[str] = []
-        queue = [Pending(**p) for p in snapshot.get("queue", [])]
+        queue = [Pending(**{**p, "alarm": AlarmFacts(**p["alarm"])}) for p in snapshot.get("queue", [])]
         gone = sorted({p.target for p in queue} - set(self.cfg.targets))
         if gone:
             dropped.append(f"messages for targets no longer configured ({', '.join(gone)}) dropped")
         self.queue = [p for p in queue if p.target in self.cfg.targets]
-        self.alarms = {alarm_id: Tracked(**t) for alarm_id, t in snapshot.get("alarms", {}).items()}
+        self.alarms = {
+            alarm_id: Tracked(**{**t, "alarm": AlarmFacts(**t["alarm"])})
+            for alarm_id, t in snapshot.get("alarms", {}).items()
+        }
         for tracked in self.alarms.values():
             tracked.told = [t for t in tracked.told if t in self.cfg.targets]
             if tracked.next_due is not None and self._chain(tracked.alarm) is None:
@@ -486,29 +517,29 @@ def _number(value: Any) -> str:
     return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
-def _value_line(a: dict[str, Any]) -> str:
+def _value_line(a: AlarmFacts) -> str:
     """The value that caused it and the limit, with the metric's unit."""
-    if a["value"] is None:
+    if a.value is None:
         return ""
-    metric = a["metric"]
+    metric = a.metric
     spec = METRICS.get(metric) if isinstance(metric, str) else None
     unit = f" {spec.unit}" if spec is not None and spec.unit else ""
-    line = f"Value: {metric + ' ' if metric else ''}{_number(a['value'])}{unit}"
-    if a["limit"] is not None:
-        line += f", limit {_number(a['limit'])}{unit}"
+    line = f"Value: {metric + ' ' if metric else ''}{_number(a.value)}{unit}"
+    if a.limit is not None:
+        line += f", limit {_number(a.limit)}{unit}"
     return line
 
 
-def _ack_hint(a: dict[str, Any]) -> str:
+def _ack_hint(a: AlarmFacts) -> str:
     return (
-        f"Acknowledge at the nurse station, or: infusion-telemetry ack --room {a['room']} --alarm {a['alarm_id']} "
+        f"Acknowledge at the nurse station, or: infusion-telemetry ack --room {a.room} --alarm {a.alarm_id} "
         "--role nurse"
     )
 
 
-def _severity(a: dict[str, Any], active: bool) -> Severity:
+def _severity(a: AlarmFacts, active: bool) -> Severity:
     if not active:
-        return "success" if a["transition"] in ENDINGS else "info"
-    if a["priority"] == "high":
+        return "success" if a.transition in ENDINGS else "info"
+    if a.priority == "high":
         return "failure"
-    return "warning" if a["priority"] == "medium" else "info"
+    return "warning" if a.priority == "medium" else "info"

@@ -15,11 +15,12 @@ after its target took it: a crash in between sends it again, with the same ref (
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from dataclasses import asdict
 
 from pydantic import SecretStr
 
@@ -109,7 +110,7 @@ class NotifyWorker:
             now = time.time()
             changed = False
             for item in items:
-                if item.error:  # the mqtt and influx sinks put it on the rejected pile; nothing to tell from it
+                if item.record is None:  # the mqtt and influx sinks put it on the rejected pile; nothing to tell
                     log.warning("notify: record %d skipped: %s", item.id, item.error)
                     continue
                 try:
@@ -174,7 +175,7 @@ class NotifyWorker:
         if not pending:
             return
         log.error("notify: %d message(s) to the rejected pile: %s", len(pending), reason)
-        items = [Item(p.source, _as_record(p)) for p in pending]
+        items = [Item(p.source, None, _as_body(p)) for p in pending]
         try:
             await self.outbox.reject(SINK, items, reason[:500], advance=False)
         except Exception as exc:
@@ -185,5 +186,7 @@ class NotifyWorker:
         self._save()
 
 
-def _as_record(p: Pending) -> dict[str, Any]:
-    return {"type": "notification", "ref": p.ref, "target": p.target, "step": p.step, "alarm": p.alarm}
+def _as_body(p: Pending) -> bytes:
+    """What the rejected pile keeps of a message that was never delivered (it is not a record)."""
+    body = {"type": "notification", "ref": p.ref, "target": p.target, "step": p.step, "alarm": asdict(p.alarm)}
+    return json.dumps(body, separators=(",", ":")).encode()

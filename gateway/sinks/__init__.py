@@ -1,17 +1,22 @@
 """Sinks: one module per outside system, the only place its library is imported.
 
-A sink is an async context manager (connect on enter, close on exit) with `write(batch) -> WriteResult`.
+A sink is an async context manager (connect on enter, close on exit) with `write(batch) -> WriteResult`; a batch is
+committed outbox items, each a typed record (gateway/envelope.py) with the JSON body it was stored as.
 It turns its library's errors into ours: SinkUnavailable (retry later, reconnect) or a rejected result (poison).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from gateway.envelope import Record
+    from gateway.outbox import Item
 
 
 class Outcome(StrEnum):
@@ -41,7 +46,7 @@ class Sink(Protocol):
 
     async def __aexit__(self, *exc: object) -> None: ...
 
-    async def write(self, batch: list[dict[str, Any]]) -> WriteResult: ...
+    async def write(self, batch: Sequence[Item]) -> WriteResult: ...
 
 
 @runtime_checkable
@@ -58,6 +63,6 @@ class Prerenderable(Protocol):
     run it) turns a batch into what `write_rendered` sends. A backlog of thousands of records is then decoded and
     rendered outside the gateway's interpreter, and live readings do not queue for its GIL."""
 
-    render: Callable[[list[dict[str, Any]]], Any]
+    render: Callable[[list[Record]], Any]
 
     async def write_rendered(self, rendered: Any) -> WriteResult: ...

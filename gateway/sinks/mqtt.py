@@ -2,6 +2,9 @@
 
 QoS 1 for everything the gateway publishes: aiomqtt's publish returns after the broker's PUBACK, so a batch is
 acknowledged to the outbox only when the broker has it. Redeliveries carry the same `id`, so they are recognisable.
+
+A record's payload is its body as the outbox stored it, published as it is; only a record sent after the live window
+(marked `historical`) or before it was committed (marked `durable: false`) is encoded again, with that mark.
 """
 
 from __future__ import annotations
@@ -12,16 +15,33 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import aiomqtt
+from msgspec.structs import replace
 
 from gateway.config import MqttSection, resolve_secret
-from gateway.envelope import device_topic, gateway_topic, iso_utc
+from gateway.envelope import (
+    AlarmMessage,
+    GatewayStatusMessage,
+    GatewayStatusRecord,
+    Record,
+    RoomModeMessage,
+    SessionMessage,
+    StatusMessage,
+    device_topic,
+    encode,
+    gateway_topic,
+    iso_utc,
+    record_type,
+)
 from gateway.errors import GatewayError
 from gateway.sinks import ACCEPTED, SinkUnavailable, WriteResult
+
+if TYPE_CHECKING:
+    from gateway.outbox import Item
 
 log = logging.getLogger(__name__)
 CommandHandler = Callable[[str, bytes], bytes | None]  # (topic, payload) -> reply payload (None: no reply)
@@ -125,23 +145,20 @@ class MqttSink:
         self.status_topic = gateway_topic(cfg.topic_prefix, site, gateway_id)
         self._client: aiomqtt.Client | None = None
         self.retained = retained if retained is not None else RetainedState()
-        self.gateway_status: dict[str, Any] = {}
+        self.gateway_status: GatewayStatusMessage | None = None  # the latest, from the gateway's status loop
         self.published = 0
         self._lost: asyncio.Future[str] | None = None
 
-    def _gateway_body(self, state: str) -> dict[str, Any]:
-        return {
-            "state": state,
-            **self.gateway_status,
-            "v": 1,
-            "type": "gateway",
-            "site": self.site,
-            "gateway": self.gateway_id,
-            "time": iso_utc(time.time()),
-        }
+    def _gateway_body(self, offline: bool = False) -> bytes:
+        """The retained gateway status as of now: the latest the gateway gave (online before its first)."""
+        now = iso_utc(time.time())
+        status = self.gateway_status
+        if status is None:
+            status = GatewayStatusMessage(site=self.site, gateway=self.gateway_id, state="online", time=now)
+        return encode(replace(status, state="offline" if offline else status.state, time=now))
 
     def _offline(self) -> bytes:
-        return json.dumps({**self._gateway_body("offline"), "state": "offline"}).encode()
+        return self._gateway_body(offline=True)
 
     async def __aenter__(self) -> Self:
         will = aiomqtt.Will(self.status_topic, self._offline(), qos=1, retain=True)
@@ -229,48 +246,58 @@ class MqttSink:
         client = self._client
         if client is None:
             return
-        body = self._gateway_body("online")
         try:
-            await client.publish(self.status_topic, json.dumps(body).encode(), qos=1, retain=True)
+            await client.publish(self.status_topic, self._gateway_body(), qos=1, retain=True)
         except aiomqtt.MqttError as exc:
             self._mark_lost(f"MQTT gateway status publish failed: {exc}")
             raise SinkUnavailable(f"MQTT gateway status publish failed: {exc}") from exc
 
-    def _route(self, record: dict[str, Any], live_since: str) -> list[tuple[str, bytes, bool]]:
-        """(topic, payload, retain) for each message a record becomes (docs/mqtt.md). Records that arrived before
-        `live_since` (fixed-width ISO UTC, so string order is time order) go out marked historical."""
-        prefix, site, room, device = self.cfg.topic_prefix, record["site"], record["room"], record["device"]
-        kind = record["type"]
-        if kind == "gateway_status":
+    def _route(self, record: Record, payload: bytes, live_since: str) -> list[tuple[str, bytes, bool]]:
+        """(topic, payload, retain) for each message a record becomes (docs/mqtt.md); `payload` is the record's
+        JSON. Records that arrived before `live_since` (fixed-width ISO UTC, so string order is time order) go out
+        marked historical."""
+        prefix, site, room, device = self.cfg.topic_prefix, record.site, record.room, record.device
+        if isinstance(record, GatewayStatusRecord):
             return []  # stored only: the retained gateway status carries the same counters live
-        if kind == "status":
+        if isinstance(record, StatusMessage):
             topic = device_topic(prefix, site, room, device, "status")
-            return [(topic, json.dumps(record).encode(), True)] if self._newest(topic, record) else []
-        if record["time"] < live_since:
-            record = {**record, "historical": True}
-        payload = json.dumps(record).encode()
-        if kind == "alarm":
+            return [(topic, payload, True)] if self._newest(topic, record) else []
+        if record.time < live_since and not record.historical:
+            record = replace(record, historical=True)
+            payload = encode(record)
+        if isinstance(record, AlarmMessage):
             base = f"{prefix}/{site}/{room}/alarms"
             # The retained "active" topic holds the alarm while it lasts; an empty retained message removes it.
-            active = payload if record["active"] else b""
+            active = payload if record.active else b""
             routed = [(f"{base}/events", payload, False)]
-            topic = f"{base}/active/{device}/{record['rule']}"
+            topic = f"{base}/active/{device}/{record.rule}"
             return [*routed, (topic, active, True)] if self._newest(topic, record) else routed
-        if kind in ("session", "room_mode"):
-            topic = f"{prefix}/{site}/{room}/{'session' if kind == 'session' else 'mode'}"
+        if isinstance(record, SessionMessage | RoomModeMessage):
+            topic = f"{prefix}/{site}/{room}/{'session' if isinstance(record, SessionMessage) else 'mode'}"
             return [(topic, payload, True)] if self._newest(topic, record) else []
-        return [(device_topic(prefix, site, room, device, kind), payload, False)]
+        return [(device_topic(prefix, site, room, device, record_type(record)), payload, False)]
 
-    def _newest(self, topic: str, record: dict[str, Any]) -> bool:
+    def _newest(self, topic: str, record: Record) -> bool:
         """Whether a retained topic should take this record: only if nothing newer was routed there before."""
-        return self.retained.newest(topic, str(record["time"]))
+        return self.retained.newest(topic, record.time)
 
-    async def write(self, batch: list[dict[str, Any]]) -> WriteResult:
+    async def write(self, batch: Sequence[Item]) -> WriteResult:
+        """Publish committed records, each as the outbox stored it."""
+        return await self._publish([(it.decoded(), it.body) for it in batch])
+
+    async def write_undurable(self, records: Sequence[Record]) -> WriteResult:
+        """Publish records not yet committed (the outbox cannot be written), marked `durable: false`: the wall
+        and the alarms keep working; each comes again, durable, once it is committed."""
+        undurable = [replace(r, durable=False) for r in records]
+        return await self._publish([(r, encode(r)) for r in undurable])
+
+    async def _publish(self, batch: list[tuple[Record, bytes]]) -> WriteResult:
+        """Route (record, payload) pairs and publish every message they become."""
         client = self._client
         if client is None:
             raise SinkUnavailable("not connected")
         live_since = iso_utc(time.time() - self.live_window_s)
-        routed = [message for r in batch for message in self._route(r, live_since)]
+        routed = [message for record, payload in batch for message in self._route(record, payload, live_since)]
         try:
             await asyncio.gather(*(client.publish(t, p, qos=1, retain=r) for t, p, r in routed))
         except aiomqtt.MqttError as exc:

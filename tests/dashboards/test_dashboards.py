@@ -59,6 +59,10 @@ from gateway.alarms import (
     Transition,
 )
 from gateway.envelope import (
+    GatewayCounters,
+    GatewayStatusMessage,
+    Origin,
+    Record,
     alarm_record,
     gateway_origin,
     gateway_status_record,
@@ -458,7 +462,7 @@ class Records:
 
     def __init__(self, now: float) -> None:
         self.now = now
-        self.records: list[dict[str, Any]] = []
+        self.records: list[Record] = []
         self.seq = 0
 
     def nxt(self) -> int:
@@ -466,7 +470,7 @@ class Records:
         return self.seq
 
     def alarm(
-        self, origin: dict[str, str], rule: str, priority: Priority, transition: Transition, ago: float, **extra: Any
+        self, origin: Origin, rule: str, priority: Priority, transition: Transition, ago: float, **extra: Any
     ) -> None:
         kind: Literal["physiological", "technical"] = (
             "technical" if rule in ("no_data", "broker_lost", "outbox_filling", "clock_skew") else "physiological"
@@ -487,21 +491,28 @@ class Records:
         self.records.append(alarm_record(origin, self.nxt(), event, PROFILE, True))
 
     def heartbeat(self, gateway: str, ago: float, backlog: int = 0) -> None:
-        counters = {
-            "received": 400,
-            "committed": 400,
-            "published": 390,
-            "written": 60,
-            "protocol_errors": 2,
-            "backlog_mqtt": 0,
-            "backlog_influx": backlog,
-            "rejected": 1,
-            "dropped": 0,
-        }
-        status = {"state": "degraded" if backlog else "online", "counters": counters, "links": {"mqtt": "up"}}
+        counters = GatewayCounters(
+            received=400,
+            committed=400,
+            published=390,
+            written=60,
+            protocol_errors=2,
+            backlog_mqtt=0,
+            backlog_influx=backlog,
+            rejected=1,
+            dropped=0,
+        )
+        status = GatewayStatusMessage(
+            site=SITE,
+            gateway=gateway,
+            state="degraded" if backlog else "online",
+            time="",  # not stored: the record's time is its own
+            counters=counters,
+            links={"mqtt": "up"},
+        )
         self.records.append(gateway_status_record(gateway_origin(SITE, gateway), self.nxt(), self.now - ago, status))
 
-    def readings(self, origin: dict[str, str], agos: range, reading: Callable[[int], Reading]) -> None:
+    def readings(self, origin: Origin, agos: range, reading: Callable[[int], Reading]) -> None:
         for ago in agos:
             self.records.append(reading_record(origin, self.nxt(), self.now - ago, reading(ago)))
 
@@ -516,7 +527,7 @@ def _clinic(now: float) -> Records:
     """Three rooms of one gateway: room 1 talking, room 2's oximeter silent for the last 60 s, room 3 in standby."""
     r = Records(now)
     ox1, ox2, ox3 = (origin_for(SITE, room, "oximeter", OXIMETER) for room in ("1", "2", "3"))
-    cuff1 = {"site": SITE, "room": "1", "device": "cuff", "model": "nibp-test", "kind": "nibp"}
+    cuff1: Origin = {"site": SITE, "room": "1", "device": "cuff", "model": "nibp-test", "kind": "nibp"}
     r.records.append(status_record(ox1, r.nxt(), now - 120, DeviceStatus(DeviceState.CONNECTED)))
     r.records.append(status_record(ox1, r.nxt(), now - 100, DeviceStatus(DeviceState.OK)))
 

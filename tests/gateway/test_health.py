@@ -18,6 +18,7 @@ from devtools.localservices import find_free_port
 from gateway.app import Gateway
 from gateway.config import Config, GatewaySection, InfluxSection
 from gateway.health import HEADER_TIMEOUT_S, MAX_CONNECTIONS, HealthServer
+from tests.helpers import record_for
 
 
 async def _status() -> dict[str, Any]:
@@ -131,7 +132,7 @@ async def test_status_is_served_from_memory_while_the_outbox_threads_are_busy(tm
     gw = Gateway(cfg)
     await gw.outbox.open()
     for i in range(5):
-        gw.outbox.put("1/ox", gw.outbox.next_seq("1/ox"), {"type": "reading", "seq": i + 1})
+        gw.outbox.put("1/ox", gw.outbox.next_seq("1/ox"), record_for("1/ox", i + 1))
     await gw.outbox.flush()
     releases = [_blocked(gw.outbox._pool), _blocked(gw.outbox._read_pool)]
     try:

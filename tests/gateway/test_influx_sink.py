@@ -3,41 +3,208 @@
 The stand-in: no InfluxDB 2.x/3.x server can run on this machine (Debian ships 1.6.7, which has no /api/v2/write),
 so the v2 tests run an aiohttp server that records the HTTP request influxdb-client makes and answers as the v2
 API documents (204, 400 with a JSON error, 503). It checks what we send, not how a real 2.x server stores it.
+
+The lines are rendered from the typed records without influxdb-client's Point; `_point` below is the Point-based
+rendering they replaced, kept as the oracle: every kind of record, and hostile strings in every tag and field, must
+come out byte for byte as Point wrote them (the dashboards' queries depend on the field and tag set).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from influxdb_client.client.write import point as influx_point
+from influxdb_client.domain.write_precision import WritePrecision
+from msgspec.structs import asdict
 
-from devices.base import DeviceState, DeviceStatus, Reading
+from devices.base import DeviceState, DeviceStatus, Reading, Waveform
 from devices.registry import get_model
+from gateway.alarms import AlarmEvent, RoomModeEvent, SessionEvent
 from gateway.config import InfluxSection, SecretRef
-from gateway.envelope import origin_for, reading_record, status_record
+from gateway.envelope import (
+    GatewayCounters,
+    GatewayStatusMessage,
+    Origin,
+    Record,
+    alarm_record,
+    gateway_origin,
+    gateway_status_record,
+    origin_for,
+    parse_iso_ns,
+    reading_record,
+    record_type,
+    room_mode_record,
+    room_origin,
+    session_record,
+    status_record,
+    waveform_record,
+)
 from gateway.sinks import Outcome, SinkUnavailable
 from gateway.sinks.influx import InfluxSink, to_lines
+from tests.helpers import as_items
 
 ORIGIN = origin_for("clinic-a", "3", "oximeter", get_model("masimo-ascii1").spec)
 
 
-def _records(n: int, start: float) -> list[dict[str, Any]]:
-    out = [status_record(ORIGIN, 1, start, DeviceStatus(DeviceState.OK, code=0x800))]
+def _records(n: int, start: float) -> list[Record]:
+    out: list[Record] = [status_record(ORIGIN, 1, start, DeviceStatus(DeviceState.OK, code=0x800))]
     for i in range(n):
         reading = Reading({"spo2": 90 + i % 10, "pulse_rate": 70 + i, "perfusion_index": 3.25}, ("low_perfusion",))
         out.append(reading_record(ORIGIN, i + 2, start + 1 + i, reading))
     return out
 
 
+Point: Any = influx_point.Point  # influxdb-client is untyped
+
+
+def _point(record: Record) -> Any:
+    """The record as the InfluxDB sink wrote it with influxdb-client's Point (the oracle: see the module docstring)."""
+    r = asdict(record)
+    kind = record_type(record)
+    if kind == "reading":
+        point = Point("vitals")
+        for name, value in r["metrics"].items():
+            point.field(name, float(value))
+        point.field("flags", ",".join(r["flags"]))
+        point.field("valid", bool(r["valid"]))
+        if r.get("device_time"):
+            point.field("device_time", r["device_time"])
+    elif kind == "status":
+        point = Point("device_status")
+        point.field("state", r["state"])
+        point.field("conditions", ",".join(r["conditions"]))
+        point.field("detail", r["detail"])
+        if r.get("code") is not None:
+            point.field("code", int(r["code"]))
+    elif kind == "alarm":
+        point = Point("alarms")
+        point.tag("rule", r["rule"])
+        point.tag("alarm_kind", r["alarm_kind"])
+        for name in ("alarm_id", "priority", "transition", "message", "profile"):
+            point.field(name, r[name])
+        point.field("active", bool(r["active"]))
+        point.field("indeterminate", bool(r.get("indeterminate", False)))
+        point.field("quality", ",".join(r.get("quality", [])))
+        point.field("role", r["role"] or "")
+        for name in ("value", "limit"):
+            if r.get(name) is not None:
+                point.field(name, float(r[name]))
+        if r.get("metric"):
+            point.field("metric", r["metric"])
+    elif kind == "gateway_status":
+        point = Point("gateway")
+        point.field("state", r["state"])
+        for name, value in asdict(r["counters"]).items():
+            point.field(name, int(value))
+        down = sorted(k for k, v in r["links"].items() if v not in ("up", "ok", "connected"))
+        point.field("links_down", ",".join(down))
+    elif kind == "session":
+        point = Point("sessions")
+        point.field("transition", r["transition"])
+        point.field("session_id", r["session_id"])
+        for name, value in r["baseline"].items():
+            point.field(f"baseline_{name}", float(value))
+    elif kind == "room_mode":
+        point = Point("room_mode")
+        point.field("mode", r["mode"])
+        point.field("standby", r["mode"] == "standby")
+        point.field("until", r["until"] or "")
+        point.field("reason", r["reason"])
+    else:
+        return None
+    for tag in ("site", "room", "device", "model"):
+        point.tag(tag, r[tag])
+    point.field("seq", int(r["seq"]))
+    point.time(parse_iso_ns(r["time"]), WritePrecision.NS)
+    return point
+
+
+def _by_point(records: Sequence[Record]) -> list[str]:
+    return [p.to_line_protocol() for p in map(_point, records) if p is not None]
+
+
+def _every_kind(origin: Origin, text: str = "", number: float = 85.0) -> list[Record]:
+    """One record of every kind (a waveform too: it is not stored), with `text` in every free string."""
+    t = 1_700_000_000.25
+    room, gateway = room_origin(origin["site"], origin["room"]), gateway_origin(origin["site"], "gw-1")
+    alarm = AlarmEvent(
+        alarm_id=f"{origin['room']}/{origin['device']}/spo2-low", room=origin["room"], device=origin["device"],
+        rule="spo2-low" + text, kind="physiological", priority="high", transition="raised", active=True, time=t,
+        metric="spo2", value=number, limit=90, message="SpO2 low" + text, role="nurse" + text, quality=("a", text),
+        since=t - 5,
+    )  # fmt: skip
+    status = GatewayStatusMessage(
+        site=origin["site"], gateway="gw-1", state="degraded", time="2026-01-01T00:00:00.000000Z",
+        counters=GatewayCounters(received=7, backlog_influx=3), links={"mqtt": "up", "influx": "down", "a" + text: "x"},
+    )  # fmt: skip
+    return [
+        reading_record(origin, 1, t, Reading({"spo2": number, "pulse_rate": 72}, ("probe_off", text), "10:00" + text)),
+        status_record(origin, 2, t, DeviceStatus(DeviceState.NO_DATA, (text,), code=3, detail="silent" + text)),
+        status_record(origin, 3, t, DeviceStatus(DeviceState.OK)),
+        waveform_record(origin, 4, t, Waveform("pleth", (1, 2, 3), 75.0)),
+        alarm_record(origin, 5, alarm, "profile" + text, True),
+        alarm_record(
+            origin,
+            6,
+            dataclasses.replace(alarm, transition="cleared", active=False, value=None, metric=None),
+            "p",
+            False,
+        ),
+        gateway_status_record(gateway, 1, t, status),
+        session_record(room, 1, SessionEvent(origin["room"], "baseline", t, "s-1" + text, t - 60, {"bp_sys": number})),
+        room_mode_record(room, 2, RoomModeEvent(origin["room"], "standby", t, t + 3600, "nurse", text)),
+        room_mode_record(room, 3, RoomModeEvent(origin["room"], "monitoring", t, reason="session started")),
+    ]
+
+
+def test_lines_are_what_point_wrote_for_every_kind_of_record() -> None:
+    records = _every_kind(ORIGIN)
+    lines = to_lines(records)
+    assert lines == _by_point(records)
+    assert len(lines) == len(records) - 1  # the waveform is not stored
+    assert lines[0] == (
+        "vitals,device=oximeter,model=masimo-ascii1,room=3,site=clinic-a "
+        'device_time="10:00",flags="probe_off,",pulse_rate=72,seq=1i,spo2=85,valid=false 1700000000250000000'
+    )
+
+
+_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12)
+_NAME = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    site=_NAME, room=_NAME, device=_NAME, model=_NAME, text=_TEXT,
+    number=st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(2**53), 2**53).map(float),
+)  # fmt: skip
+def test_escaping_and_numbers_match_point_for_any_text(
+    site: str, room: str, device: str, model: str, text: str, number: float
+) -> None:
+    """Commas, spaces, equals signs, quotes, backslashes, newlines in any tag, key or string field; whole, huge,
+    tiny and non-finite numbers (left out, as Point left them out)."""
+    origin: Origin = {"site": site, "room": room, "device": device, "model": model, "kind": "pulse_oximeter"}
+    records = _every_kind(origin, text, number)
+    assert to_lines(records) == _by_point(records)
+    if not math.isfinite(number):
+        assert all("spo2=" not in line for line in to_lines(records))
+
+
 async def test_v1_write_lands_in_real_influxd_and_replay_does_not_duplicate(influxd: Any, influx_db: str) -> None:
     cfg = InfluxSection(api="v1", url=influxd.url, database=influx_db)
     records = _records(20, time.time() - 60)
     async with InfluxSink(cfg) as sink:
-        assert (await sink.write(records)).outcome is Outcome.ACCEPTED
-        assert (await sink.write(records)).outcome is Outcome.ACCEPTED  # a replay after a lost acknowledgement
+        assert (await sink.write(as_items(records))).outcome is Outcome.ACCEPTED
+        assert (
+            await sink.write(as_items(records))
+        ).outcome is Outcome.ACCEPTED  # a replay after a lost acknowledgement
     rows = influxd.query(influx_db, "SELECT spo2, pulse_rate, perfusion_index, flags, valid, seq FROM vitals")
     values = rows[0]["values"]
     assert len(values) == 20
@@ -50,7 +217,7 @@ async def test_v1_unknown_database_is_retried_not_dropped(influxd: Any) -> None:
     cfg = InfluxSection(api="v1", url=influxd.url, database="does_not_exist")
     async with InfluxSink(cfg) as sink:
         with pytest.raises(SinkUnavailable, match="no such database"):
-            await sink.write(_records(1, time.time()))
+            await sink.write(as_items(_records(1, time.time())))
 
 
 async def test_v1_unreachable_server_is_unavailable() -> None:
@@ -101,7 +268,7 @@ async def test_v2_write_sends_token_org_bucket_and_line_protocol(
     cfg = InfluxSection(api="v2", url=url, org="clinic", bucket="infusion", token=SecretRef(env="TEST_INFLUX_TOKEN"))
     records = _records(3, 1_700_000_000.0)
     async with InfluxSink(cfg) as sink:
-        assert (await sink.write(records)).outcome is Outcome.ACCEPTED
+        assert (await sink.write(as_items(records))).outcome is Outcome.ACCEPTED
     query, headers, body = server.requests[0]
     assert query["org"] == "clinic" and query["bucket"] == "infusion" and query["precision"] == "ns"
     assert headers["Authorization"] == "Token tok-123"
@@ -118,8 +285,8 @@ async def test_v2_answers_map_to_rejected_and_retry(
     cfg = InfluxSection(api="v2", url=url, org="o", bucket="b", token=SecretRef(env="TEST_INFLUX_TOKEN"))
     async with InfluxSink(cfg) as sink:
         server.status = 400
-        result = await sink.write(_records(1, time.time()))
+        result = await sink.write(as_items(_records(1, time.time())))
         assert result.outcome is Outcome.REJECTED and "field type conflict" in result.reason
         server.status = 503
         with pytest.raises(SinkUnavailable):
-            await sink.write(_records(1, time.time()))
+            await sink.write(as_items(_records(1, time.time())))

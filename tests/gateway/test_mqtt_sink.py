@@ -8,22 +8,23 @@ alarm on the wall), while the event stream still carries both transitions.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
-from devices.base import DeviceState, DeviceStatus
+from devices.base import DeviceState, DeviceStatus, Reading
 from devices.registry import get_model
 from gateway.alarms import AlarmEvent, Transition
 from gateway.config import MqttSection
-from gateway.envelope import alarm_record, origin_for, status_record
+from gateway.envelope import AlarmMessage, alarm_record, encode, origin_for, reading_record, status_record
 from gateway.sinks.mqtt import MqttSink, subscribe
-from tests.helpers import wait_for
+from tests.helpers import as_items, wait_for
 
 ORIGIN = origin_for("site", "3", "oximeter", get_model("masimo-ascii1").spec)
 ACTIVE = "infusion/site/3/alarms/active/oximeter/spo2-low"
 
 
-def alarm(seq: int, at: float, transition: Transition, active: bool) -> dict[str, Any]:
+def alarm(seq: int, at: float, transition: Transition, active: bool) -> AlarmMessage:
     event = AlarmEvent(
         alarm_id="3/oximeter/spo2-low", room="3", device="oximeter", rule="spo2-low", kind="physiological",
         priority="high", transition=transition, active=active, time=at, metric="spo2", value=85, limit=90,
@@ -66,13 +67,13 @@ async def test_backlog_alarm_older_than_live_clear_does_not_come_back(mosquitto:
         await subscribed.wait()  # the broker has acknowledged the subscription
     now = time.time()
     async with MqttSink(MqttSection(host="127.0.0.1", port=mosquitto.port), "site", "gw", live_window_s=5) as sink:
-        await sink.write([alarm(2, now - 1, "cleared", False)])  # live: drained first
-        await sink.write([alarm(1, now - 30, "raised", True)])  # backlog: older, drained after
+        await sink.write(as_items([alarm(2, now - 1, "cleared", False)]))  # live: drained first
+        await sink.write(as_items([alarm(1, now - 30, "raised", True)]))  # backlog: older, drained after
         await wait_for(lambda: len(events) == 2, 5)
         assert await retained_now(mosquitto.port, ACTIVE) is None  # the clear removed it; the raise did not return
-        await sink.write([alarm(3, now, "raised", True)])  # a newer raise does show
+        await sink.write(as_items([alarm(3, now, "raised", True)]))  # a newer raise does show
         retained = await retained_now(mosquitto.port, ACTIVE)
-        assert retained is not None and b'"seq": 3' in retained
+        assert retained is not None and json.loads(retained)["seq"] == 3
     collecting.cancel()
     await asyncio.gather(collecting, return_exceptions=True)
 
@@ -81,7 +82,38 @@ async def test_older_device_status_does_not_replace_newer(mosquitto: Any) -> Non
     topic = "infusion/site/3/oximeter/status"
     now = time.time()
     async with MqttSink(MqttSection(host="127.0.0.1", port=mosquitto.port), "site", "gw", live_window_s=5) as sink:
-        await sink.write([status_record(ORIGIN, 5, now, DeviceStatus(DeviceState.OK))])
-        await sink.write([status_record(ORIGIN, 4, now - 10, DeviceStatus(DeviceState.DISCONNECTED))])
+        await sink.write(as_items([status_record(ORIGIN, 5, now, DeviceStatus(DeviceState.OK))]))
+        await sink.write(as_items([status_record(ORIGIN, 4, now - 10, DeviceStatus(DeviceState.DISCONNECTED))]))
         retained = await retained_now(mosquitto.port, topic)
-        assert retained is not None and b'"seq": 5' in retained
+        assert retained is not None and json.loads(retained)["seq"] == 5
+
+
+async def test_a_live_record_is_published_as_the_outbox_stored_it_a_late_one_marked_historical(mosquitto: Any) -> None:
+    """The payload of a live record is its stored body, byte for byte; one sent after the live window is the same
+    record marked historical; one sent before its commit (storage unusable) is marked durable: false."""
+    got: list[tuple[str, bytes]] = []
+    subscribed = asyncio.Event()
+
+    async def collect() -> None:
+        async with subscribe(MqttSection(host="127.0.0.1", port=mosquitto.port), ["infusion/#"], "c") as messages:
+            subscribed.set()
+            async for topic, payload in messages:
+                if topic.endswith("/reading"):
+                    got.append((topic, payload))
+
+    collecting = asyncio.create_task(collect())
+    async with asyncio.timeout(10):
+        await subscribed.wait()
+    now = time.time()
+    live = reading_record(ORIGIN, 7, now, Reading({"spo2": 97.0}, ("low_perfusion",)))
+    late = reading_record(ORIGIN, 6, now - 60, Reading({"spo2": 96.0}))
+    unsaved = reading_record(ORIGIN, 8, now, Reading({"spo2": 95.0}))
+    async with MqttSink(MqttSection(host="127.0.0.1", port=mosquitto.port), "site", "gw", live_window_s=5) as sink:
+        await sink.write(as_items([live, late]))
+        await sink.write_undurable([unsaved])
+        await wait_for(lambda: len(got) == 3, 5)
+    collecting.cancel()
+    await asyncio.gather(collecting, return_exceptions=True)
+    assert got[0] == ("infusion/site/3/oximeter/reading", encode(live))
+    assert json.loads(got[1][1]) == {**json.loads(encode(late)), "historical": True}
+    assert json.loads(got[2][1]) == {**json.loads(encode(unsaved)), "durable": False}

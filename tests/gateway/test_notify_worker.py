@@ -7,30 +7,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from devices.base import Reading
 from gateway.alarms import AlarmEvent
 from gateway.config import ConfigError, NotifySection
-from gateway.envelope import alarm_record
+from gateway.envelope import AlarmMessage, Origin, ReadingMessage, Record, alarm_record, reading_record
 from gateway.notify.worker import NotifyWorker
 from gateway.outbox import Outbox
 from tests.helpers import wait_for
 from tests.notify_receiver import Receiver
 
-ORIGIN = {"site": "clinic-a", "room": "7", "device": "oximeter", "model": "masimo-ascii1", "kind": "pulse_oximeter"}
+ORIGIN: Origin = {
+    "site": "clinic-a", "room": "7", "device": "oximeter", "model": "masimo-ascii1", "kind": "pulse_oximeter"
+}  # fmt: skip
 
 
-def _reading(seq: int) -> dict[str, Any]:
-    return {"type": "reading", "id": f"7/oximeter/{seq}", "seq": seq, "metrics": {"spo2": 97.0}}
+def _reading(seq: int) -> ReadingMessage:
+    return reading_record(ORIGIN, seq, 1_800_000_000.0 + seq, Reading({"spo2": 97.0}))
 
 
-def _alarm(seq: int, transition: str, now: float, rule: str = "spo2-low") -> dict[str, Any]:
+def _alarm(seq: int, transition: str, now: float, rule: str = "spo2-low") -> AlarmMessage:
     event = AlarmEvent(
         f"7/oximeter/{rule}", "7", "oximeter", rule, "physiological", "high", transition,  # type: ignore[arg-type]
         transition != "cleared", now, "spo2", 85.0, 90.0, "SpO2 low", since=now,
@@ -38,7 +41,7 @@ def _alarm(seq: int, transition: str, now: float, rule: str = "spo2-low") -> dic
     return alarm_record(ORIGIN, seq, event, "test", False)
 
 
-def _put(box: Outbox, record_for: Any) -> None:
+def _put(box: Outbox, record_for: Callable[[int], Record]) -> None:
     seq = box.next_seq("7/oximeter")
     box.put("7/oximeter", seq, record_for(seq))
 
@@ -102,7 +105,7 @@ async def test_a_sink_added_to_an_existing_outbox_starts_at_its_head_and_a_remov
     box = Outbox(path, sinks=("mqtt", "influx"))
     await box.open()
     for i in range(5):
-        _put(box, lambda seq, i=i: _alarm(seq, "raised", 1_800_000_000.0 + i))
+        _put(box, functools.partial(_alarm, transition="raised", now=1_800_000_000.0 + i))
     await box.flush()
     await box.close()
 
@@ -114,7 +117,7 @@ async def test_a_sink_added_to_an_existing_outbox_starts_at_its_head_and_a_remov
     _put(added, _reading)
     await added.flush()
     owed = await added.read(added.cursor("notify"), limit=10)
-    assert [it.record["seq"] for it in owed] == [6]  # what comes from now on is
+    assert [it.decoded().seq for it in owed] == [6]  # what comes from now on is
     await added.close()
 
     removed = Outbox(path, sinks=("mqtt", "influx"))

@@ -12,11 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.envelope import Record, record_type
 from gateway.outbox import Outbox
+from tests.helpers import record_for
 
 
-def _record(seq: int) -> dict[str, object]:
-    return {"type": "reading", "seq": seq, "metrics": {"spo2": 97.0}}
+def _record(seq: int) -> Record:
+    return record_for("1/ox", seq)
 
 
 async def _filled(path: Path, n: int) -> Outbox:
@@ -37,7 +39,7 @@ async def test_records_survive_reopen_and_sequences_continue(tmp_path: Path) -> 
     again = Outbox(tmp_path / "o.db", sinks=("mqtt", "influx"))
     await again.open()
     items = await again.read(again.cursor("mqtt"), limit=100)
-    assert [it.record["seq"] for it in items] == [1, 2, 3, 4, 5]
+    assert [it.decoded().seq for it in items] == [1, 2, 3, 4, 5]
     assert again.next_seq("1/ox") == 6  # ids stay unique across a restart
     assert again.next_seq("2/ox") == 1
     await again.close()
@@ -48,7 +50,7 @@ async def test_each_sink_has_its_own_cursor(tmp_path: Path) -> None:
     items = await box.read(box.cursor("mqtt"), limit=2)
     await box.ack("mqtt", items[-1].id)
     assert await box.backlog() == {"mqtt": 2, "influx": 4}
-    assert [it.record["seq"] for it in await box.read(box.cursor("mqtt"), limit=10)] == [3, 4]
+    assert [it.decoded().seq for it in await box.read(box.cursor("mqtt"), limit=10)] == [3, 4]
     assert len(await box.read(box.cursor("influx"), limit=10)) == 4
     await box.close()
 
@@ -60,7 +62,7 @@ async def test_rejected_records_are_kept_aside_and_skipped(tmp_path: Path) -> No
     await box.ack("influx", items[0].id)
     assert await box.rejected_count() == 1
     remaining = await box.read(box.cursor("influx"), limit=10)
-    assert [it.record["seq"] for it in remaining] == [3]
+    assert [it.decoded().seq for it in remaining] == [3]
     await box.close()
 
 
@@ -70,7 +72,7 @@ async def test_prune_deletes_only_what_every_sink_settled(tmp_path: Path) -> Non
     await box.ack("mqtt", items[-1].id)
     await box.ack("influx", items[1].id)
     assert await box.prune() == 2
-    assert [it.record["seq"] for it in await box.read(box.cursor("influx"), limit=10)] == [3, 4]
+    assert [it.decoded().seq for it in await box.read(box.cursor("influx"), limit=10)] == [3, 4]
     await box.close()
 
 
@@ -90,7 +92,7 @@ async def test_corrupt_database_is_moved_aside_not_a_crash_loop(tmp_path: Path) 
 async def test_over_its_bounds_the_oldest_readings_go_first_and_are_counted(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db", sinks=("mqtt", "influx"))
     await box.open()
-    box.put("1/ox", box.next_seq("1/ox"), {"type": "status", "seq": 1, "state": "ok"})
+    box.put("1/ox", box.next_seq("1/ox"), record_for("1/ox", 1, "status"))
     for i in range(2, 1502):
         box.put("1/ox", box.next_seq("1/ox"), _record(i))
     await box.flush()
@@ -98,8 +100,8 @@ async def test_over_its_bounds_the_oldest_readings_go_first_and_are_counted(tmp_
     assert deleted == 501 and box.dropped == 501
     kept = await box.read(0, limit=2000)
     assert len(kept) == 1000
-    assert kept[0].record["type"] == "status"  # statuses (and alarms) are kept; readings go first
-    assert [it.record["seq"] for it in kept[1:3]] == [503, 504]  # the oldest readings went
+    assert record_type(kept[0].decoded()) == "status"  # statuses (and alarms) are kept; readings go first
+    assert [it.decoded().seq for it in kept[1:3]] == [503, 504]  # the oldest readings went
     await box.close()
 
 
@@ -148,7 +150,8 @@ async def _owed_matches_count(path: Path, ops: list[tuple[str, Any, Any]]) -> No
             if op == "commit":
                 for i in range(a):
                     kind = "status" if i < a * b else "reading"
-                    box.put("1/ox", box.next_seq("1/ox"), {"type": kind, "seq": 0})
+                    seq = box.next_seq("1/ox")
+                    box.put("1/ox", seq, record_for("1/ox", seq, kind))
                 await box.flush()
             elif op in ("ack", "reject"):
                 items = await box.read(box.cursor(a), limit=b)

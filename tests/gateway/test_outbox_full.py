@@ -9,7 +9,7 @@ import pytest
 
 from gateway import outbox as outbox_module
 from gateway.outbox import Outbox
-from tests.helpers import fill
+from tests.helpers import fill, record_for
 
 
 async def test_a_full_disk_keeps_records_in_memory_bounded_then_commits_them_in_order(
@@ -21,17 +21,17 @@ async def test_a_full_disk_keeps_records_in_memory_bounded_then_commits_them_in_
     filler = fill(small_fs)
     for i in range(1, 200):  # enough rows to need new pages
         kind = "alarm" if i % 40 == 0 else "reading"
-        box.put("r/d", box.next_seq("r/d"), {"type": kind, "i": i, "pad": "x" * 500})
+        box.put("r/d", box.next_seq("r/d"), record_for("r/d", i, kind, pad=500))  # seq i
         await box.flush()
     assert box.storage_error is not None and "full" in box.storage_error
     assert box.unsaved <= 50 and box.unsaved_dropped > 0
-    kept = [r["i"] for r in box.take_unsaved()]
+    kept = [r.seq for r in box.take_unsaved()]
     assert kept == sorted(kept)
     filler.unlink()
     await box.flush()
     assert box.storage_error is None
     items = await box.read(0, limit=1000)
-    committed = [it.record["i"] for it in items]
+    committed = [it.decoded().seq for it in items]
     assert committed == sorted(committed), "committed in the order they were put"
     assert {40, 80, 120, 160} <= set(committed), "alarms are never dropped"
     assert len(committed) + box.unsaved_dropped == 199

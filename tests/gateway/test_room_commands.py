@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from devices.base import Reading
 from gateway.app import Gateway
 from gateway.commands import command_payload
 from gateway.config import Config
+from gateway.envelope import AlarmMessage, Envelope, SessionMessage
+
+R = TypeVar("R", bound=Envelope)
 
 
 def config(tmp_path: Path) -> Config:
@@ -33,9 +36,9 @@ def command(gw: Gateway, topic: str, **fields: Any) -> dict[str, Any]:
     return reply
 
 
-async def records(gw: Gateway, kind: str) -> list[dict[str, Any]]:
+async def records(gw: Gateway, kind: type[R]) -> list[R]:
     await gw.outbox.flush()
-    return [it.record for it in await gw.outbox.read(0, limit=1000) if it.record["type"] == kind]
+    return [it.record for it in await gw.outbox.read(0, limit=1000) if isinstance(it.record, kind)]
 
 
 async def test_acknowledge_a_latched_alarm_by_mqtt_command(tmp_path: Path) -> None:
@@ -44,7 +47,7 @@ async def test_acknowledge_a_latched_alarm_by_mqtt_command(tmp_path: Path) -> No
     ox = gw.sessions[0]
     gw._emit(ox, Reading({"spo2": 85}), 100.0)
     gw._emit(ox, Reading({"spo2": 97}), 101.0)  # condition gone, but the alarm latches
-    assert [r["transition"] for r in await records(gw, "alarm")] == ["raised"]
+    assert [r.transition for r in await records(gw, AlarmMessage)] == ["raised"]
 
     bad = command(gw, "3/command", id="c1", action="acknowledge", alarm_id="3/ox/nope", operator_role="nurse")
     assert bad == {**bad, "ok": False, "id": "c1"} and "no such active alarm" in bad["reason"]
@@ -57,13 +60,13 @@ async def test_acknowledge_a_latched_alarm_by_mqtt_command(tmp_path: Path) -> No
 
     ok = command(gw, "3/command", id="c4", action="acknowledge", alarm_id="3/ox/spo2-low", operator_role="nurse")
     assert ok["ok"] is True
-    alarms = await records(gw, "alarm")
-    assert [(r["transition"], r["role"]) for r in alarms] == [
+    alarms = await records(gw, AlarmMessage)
+    assert [(r.transition, r.role) for r in alarms] == [
         ("raised", None),
         ("acknowledged", "nurse"),
         ("cleared", None),
     ]
-    assert alarms[-1]["active"] is False
+    assert alarms[-1].active is False
     await gw.outbox.close()
 
 
@@ -76,10 +79,10 @@ async def test_sessions_by_command_and_baseline_from_the_first_pressure(tmp_path
     assert again["ok"] is False and "already has a session" in again["reason"]
     gw._emit(gw.sessions[0], Reading({"nibp_systolic": 121, "nibp_diastolic": 79, "nibp_mean": 93}), 200.0)
     assert command(gw, "3/command", id="s3", action="stop_session", operator_role="nurse")["ok"] is True
-    sessions = await records(gw, "session")
-    assert [s["transition"] for s in sessions] == ["started", "baseline", "stopped"]
-    assert sessions[1]["baseline"] == {"nibp_systolic": 121, "nibp_diastolic": 79, "nibp_mean": 93}
-    assert sessions[0]["room"] == "3" and sessions[0]["device"] == "_room"
+    sessions = await records(gw, SessionMessage)
+    assert [s.transition for s in sessions] == ["started", "baseline", "stopped"]
+    assert sessions[1].baseline == {"nibp_systolic": 121, "nibp_diastolic": 79, "nibp_mean": 93}
+    assert sessions[0].room == "3" and sessions[0].device == "_room"
     await gw.outbox.close()
 
 
@@ -95,6 +98,6 @@ async def test_records_of_one_device_never_share_a_time(tmp_path: Path) -> None:
     command(gw, "3/command", id="c9", action="acknowledge", alarm_id="3/ox/spo2-low", operator_role="nurse")
     gw._emit(ox, Reading({"spo2": 97}), 100.5)
     await gw.outbox.flush()
-    times = [it.record["time"] for it in await gw.outbox.read(0, limit=1000) if it.record["room"] == "3"]
+    times = [it.decoded().time for it in await gw.outbox.read(0, limit=1000) if it.decoded().room == "3"]
     assert len(times) == len(set(times)) and times == sorted(times)
     await gw.outbox.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from msgspec.structs import replace
 
 from devices.base import Reading
 from devices.registry import get_model
@@ -90,7 +91,7 @@ async def test_an_influx_backlog_rendered_by_a_worker_process_is_stored_once_and
     for i in range(n):
         record = reading_record(origin, i + 1, start + i, Reading({"spo2": 97}, device_time="2026-01-01T10:00:00"))
         if i == poison:  # a float where every other point has a string: influxd refuses it (field type conflict)
-            record["metrics"]["device_time"], record["device_time"] = 1.0, None
+            record = replace(record, metrics={**record.metrics, "device_time": 1.0}, device_time=None)
         box.put("backlog/ox", i + 1, record)
     await box.flush()
     head = box.head()
@@ -129,7 +130,7 @@ async def test_a_rejection_a_full_disk_cannot_record_keeps_the_poison_and_the_cu
     for i in range(n):
         record = reading_record(origin, i + 1, start + i, Reading({"spo2": 97}, device_time="2026-01-01T10:00:00"))
         if i == poison:  # a float where every other point has a string: influxd refuses it (field type conflict)
-            record["metrics"]["device_time"], record["device_time"] = 1.0, None
+            record = replace(record, metrics={**record.metrics, "device_time": 1.0}, device_time=None)
         box.put("room/ox", i + 1, record)
     await box.flush()
     poison_id = box.head() - n + poison + 1

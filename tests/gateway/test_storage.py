@@ -17,13 +17,15 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
+import msgspec
 import pytest
 
 from gateway import storage
+from gateway.envelope import Record, WaveformMessage, record_type
 from gateway.outbox import Outbox, map_rows
 from gateway.preflight import EXIT_STORAGE, Fatal
+from tests.helpers import record_for
 
 SINKS = ("mqtt", "influx")
 
@@ -47,10 +49,14 @@ CREATE TABLE IF NOT EXISTS rejected (
 """
 
 
-def _record(key: str, seq: int, **extra: Any) -> dict[str, Any]:
-    room, device = key.split("/")
-    return {"v": 1, "room": room, "device": device, "id": f"{key}/{seq}", "seq": seq, "type": "reading",
-            "metrics": {"spo2": 90 + seq % 9}, **extra}  # fmt: skip
+def _record(key: str, seq: int) -> Record:
+    return record_for(key, seq)
+
+
+def _previous_body(key: str, seq: int) -> str:
+    """A reading's body as the previous version stored it: json.dumps of a dict (no `durable`, another key order)."""
+    body = {k: v for k, v in msgspec.to_builtins(_record(key, seq)).items() if k not in ("durable", "type")}
+    return json.dumps({**body, "type": "reading"}, separators=(",", ":"))
 
 
 async def _filled(path: Path, counts: dict[str, int], big: int = 0) -> Outbox:
@@ -64,7 +70,7 @@ async def _filled(path: Path, counts: dict[str, int], big: int = 0) -> Outbox:
             box.put(key, seq, _record(key, seq))
             if big and seq == 1:
                 wave_seq = box.next_seq(key)
-                box.put(key, wave_seq, {**_record(key, wave_seq), "type": "waveform", "samples": list(range(big))})
+                box.put(key, wave_seq, record_for(key, wave_seq, "waveform", pad=big))
     await box.flush()
     return box
 
@@ -92,7 +98,7 @@ def _previous_version_file(path: Path) -> None:
     db.execute("PRAGMA journal_mode=WAL")
     db.executescript(PREVIOUS_SCHEMA)
     for seq in range(1, 11):
-        body = json.dumps(_record("1/ox", seq), separators=(",", ":"))
+        body = _previous_body("1/ox", seq)
         db.execute(
             "INSERT INTO records(key, seq, type, body, created) VALUES (?, ?, ?, ?, ?)",
             ("1/ox", seq, "reading", body, time.time()),
@@ -111,7 +117,7 @@ async def test_an_outbox_written_by_the_previous_version_is_migrated_and_keeps_w
     await box.open()
     assert box.storage is not None and box.storage.migrated_from == 0 and box.storage.damage is None
     assert box.owed() == {"mqtt": 6, "influx": 10}
-    assert [it.record["seq"] for it in await box.read(box.cursor("mqtt"), limit=100)] == [5, 6, 7, 8, 9, 10]
+    assert [it.decoded().seq for it in await box.read(box.cursor("mqtt"), limit=100)] == [5, 6, 7, 8, 9, 10]
     assert await box.rejected_count() == 1
     assert await box.load_state("alarms") is None  # the table the previous version did not have
     box.put_state("alarms", {"active": []})
@@ -234,8 +240,9 @@ async def test_quick_check_findings_move_the_file_aside_and_its_records_are_salv
     leaves = _leaf_pages(path)
     victim = leaves[len(leaves) // 2]
     data = bytearray(path.read_bytes())
-    # Garbage in the middle of a leaf's cell content: SQLite opens the file, quick_check finds it.
-    data[(victim - 1) * 4096 + 2048 : (victim - 1) * 4096 + 2148] = random.Random(1).randbytes(100)
+    # Garbage over a leaf's cell pointers (after its 8-byte header; in the cells' content it may miss every cell
+    # header, as records are a few hundred bytes): SQLite opens the file, quick_check finds it.
+    data[(victim - 1) * 4096 + 8 : (victim - 1) * 4096 + 108] = random.Random(1).randbytes(100)
     path.write_bytes(bytes(data))
     probe = sqlite3.connect(path)
     assert storage.check(probe) is not None  # what the previous code ran and ignored
@@ -258,7 +265,7 @@ async def test_an_undecodable_record_is_read_as_a_rejected_item_and_a_sound_file
     await box.close()
     data = bytearray(path.read_bytes())
     # Two bodies damaged in place, same length: quick_check does not read record contents, so the file is sound.
-    seven = data.index(b'{"v":1,"room":"1","device":"ox","id":"1/ox/7"')
+    seven = data.rindex(b'{"type":"reading"', 0, data.index(b'"id":"1/ox/7"'))
     data[seven] = 0xFF  # no longer UTF-8
     twelve = data.index(b'"id":"1/ox/12"')
     data[twelve] = ord("x")  # still UTF-8, no longer JSON
@@ -270,10 +277,10 @@ async def test_an_undecodable_record_is_read_as_a_rejected_item_and_a_sound_file
         assert box.storage is not None and box.storage.damage is None and box.storage.aside is None
         items = await box.read(box.cursor("mqtt"), limit=100)
         assert [it.id for it in items] == list(range(1, 21))
-        broken = {it.record.get("undecodable", "")[:8]: it for it in items if it.error}
+        broken = {it.body[:8]: it for it in items if it.error}
         assert {it.id for it in broken.values()} == {7, 12}
         assert all(it.error.startswith("undecodable in the outbox") for it in broken.values())
-        assert [it.record["seq"] for it in items if not it.error] == [s for s in range(1, 21) if s not in (7, 12)]
+        assert [it.decoded().seq for it in items if not it.error] == [s for s in range(1, 21) if s not in (7, 12)]
         with pytest.raises(ValueError, match="record 7: undecodable"):  # the worker process's reader says which
             map_rows(str(path), len, 0, None, 100)
         assert map_rows(str(path), len, 12, None, 100) == (20, 8, 8)
@@ -306,7 +313,7 @@ async def test_records_only_in_the_wal_are_salvaged_when_the_main_file_is_damage
     await box.open()
     try:
         assert box.storage is not None and box.storage.damage and box.storage.salvaged == len(carved.records)
-        seqs = [it.record["seq"] for it in await box.read(box.cursor("mqtt"), limit=1000)]
+        seqs = [it.decoded().seq for it in await box.read(box.cursor("mqtt"), limit=1000)]
         assert seqs == list(range(251, 501))  # MQTT's cursor carried over
         assert box.owed()["influx"] == box.storage.salvaged
     finally:
@@ -325,8 +332,8 @@ async def test_a_record_in_overflow_pages_is_salvaged_whole(tmp_path: Path) -> N
     try:
         assert box.storage is not None and box.storage.salvaged == 51
         items = await box.read(box.cursor("influx"), limit=100)
-        assert [it.record["type"] for it in items[:3]] == ["reading", "waveform", "reading"]
-        assert items[1].record["samples"] == list(range(5000))
+        assert [record_type(it.decoded()) for it in items[:3]] == ["reading", "waveform", "reading"]
+        assert isinstance(items[1].record, WaveformMessage) and items[1].record.samples == list(range(5000))
     finally:
         await box.close()
 
@@ -371,7 +378,7 @@ async def test_an_interrupted_salvage_is_finished_at_the_next_start(
     box = Outbox(path, sinks=SINKS)
     await box.open()
     try:
-        assert [it.record["seq"] for it in await box.read(box.cursor("mqtt"), limit=100)] == list(range(1, 31))
+        assert [it.decoded().seq for it in await box.read(box.cursor("mqtt"), limit=100)] == list(range(1, 31))
         assert not (tmp_path / "outbox.sqlite3.salvage").exists()
         assert len(list(tmp_path.glob("outbox.sqlite3.corrupt-*"))) == 1
     finally:

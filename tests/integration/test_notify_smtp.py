@@ -28,10 +28,11 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from devices.base import Reading
 from devtools.localservices import find_free_port
 from gateway.alarms import AlarmEvent
 from gateway.config import NotifySection
-from gateway.envelope import alarm_record
+from gateway.envelope import AlarmMessage, Origin, ReadingMessage, alarm_record, reading_record
 from gateway.notify.worker import NotifyWorker
 from gateway.outbox import Outbox
 from tests.helpers import wait_for
@@ -40,7 +41,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 USER, PASSWORD = "infusion-gateway", "s3cr3t-smtp-pass-0042"
 TO = "charge-nurse@clinic.invalid"
-ORIGIN = {"site": "clinic-a", "room": "7", "device": "oximeter", "model": "masimo-ascii1", "kind": "pulse_oximeter"}
+ORIGIN: Origin = {
+    "site": "clinic-a",
+    "room": "7",
+    "device": "oximeter",
+    "model": "masimo-ascii1",
+    "kind": "pulse_oximeter",
+}
 
 
 @dataclass(frozen=True)
@@ -113,13 +120,11 @@ class MailServer:
             self._server = None
 
 
-def _reading(seq: int) -> dict[str, Any]:
-    return {"type": "reading", "id": f"7/oximeter/{seq}", "seq": seq, "metrics": {"spo2": 97.0}}
+def _reading(seq: int) -> ReadingMessage:
+    return reading_record(ORIGIN, seq, time.time(), Reading({"spo2": 97.0}))
 
 
-def _alarm(
-    seq: int, rule: str, transition: str, priority: str, since: float, role: str | None = None
-) -> dict[str, Any]:
+def _alarm(seq: int, rule: str, transition: str, priority: str, since: float, role: str | None = None) -> AlarmMessage:
     kind = "technical" if rule == "probe-off" else "physiological"
     event = AlarmEvent(
         f"7/oximeter/{rule}", "7", "oximeter", rule, kind, priority, transition,  # type: ignore[arg-type]

@@ -21,12 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from devices.base import Reading
 from devices.registry import get_model
 from gateway.config import InfluxSection, MqttSection
-from gateway.envelope import origin_for, reading_record
+from gateway.envelope import ReadingMessage, encode, origin_for, reading_record
 from gateway.outbox import Outbox
 from gateway.sink_worker import RenderedBacklog, SinkWorker
 from gateway.sinks.influx import InfluxSink
@@ -54,7 +55,7 @@ async def _outbox_owing_mqtt(path: Path) -> tuple[dict[str, dict[str, Any]], set
     spec = get_model("masimo-ascii1").spec
     origins = {room: origin_for("s", room, "ox", spec) for room in ROOMS}
     start = time.time() - 3600
-    records: list[dict[str, Any]] = []
+    records: list[ReadingMessage] = []
     for i in range(TOTAL):
         room = ROOMS[i % 3]
         seq = box.next_seq(f"{room}/ox")
@@ -66,7 +67,8 @@ async def _outbox_owing_mqtt(path: Path) -> tuple[dict[str, dict[str, Any]], set
     await box.ack("influx", INFLUX_SETTLED)
     await box.prune()
     await box.close()
-    return {r["id"]: r for r in records[MQTT_SETTLED:]}, {r["id"] for r in records[:MQTT_SETTLED]}
+    undelivered: dict[str, dict[str, Any]] = {r.id: msgspec.to_builtins(r) for r in records[MQTT_SETTLED:]}
+    return undelivered, {r.id for r in records[:MQTT_SETTLED]}
 
 
 def _pages_of(data: bytes, undelivered: dict[str, dict[str, Any]]) -> dict[str, range]:
@@ -77,7 +79,7 @@ def _pages_of(data: bytes, undelivered: dict[str, dict[str, Any]]) -> dict[str, 
         record = undelivered.get(rid)
         if record is None:
             continue
-        body = json.dumps(record, separators=(",", ":")).encode()
+        body = encode(msgspec.convert(record, ReadingMessage))  # the bytes the outbox stored
         begin = match.start() - body.index(b'"id":"')
         if data[begin : begin + len(body)] == body:
             found[rid] = range(begin // PAGE, (begin + len(body) - 1) // PAGE + 1)
