@@ -579,7 +579,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10 s windows after 2 s of feeding (a smoke run)")
     parser.add_argument("--window", type=float, help="seconds measured per run (default 60, --quick 10)")
     parser.add_argument("--reps", type=int, default=3, help="alternating runs per configuration (default 3)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 200], help="N of the side-by-side runs")
+    parser.add_argument(
+        "--sizes", type=int, nargs="*", default=[100, 200], help="N of the side-by-side runs (none: site only)"
+    )
     parser.add_argument("--site", type=int, default=1000, help="N of the gateway-only site run (0: none)")
     parser.add_argument("--keep", action="store_true", help="keep the run folders (logs) under the temp dir")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
