@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Debian's mosquitto and influxd (the tests start their own on free ports), docker-compose (to validate the
-# compose file without an engine), strace (to prove the secrets script puts no password on a command line) and npm
-# (to type-check the dashboards against Grafana's schema), installed when missing.
+# compose file without an engine), strace (to prove the secrets script puts no password on a command line), npm
+# (to type-check the dashboards against Grafana's schema) and systemd (systemd-analyze scores the unit's hardening
+# offline; nothing is started), installed when missing.
 services:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
@@ -23,6 +24,7 @@ services:
 	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
 	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
 	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
