@@ -71,7 +71,7 @@ def test_the_settings_that_must_stay() -> None:
     # Secrets only as credentials: no environment file, nothing secret on a command line.
     assert "EnvironmentFile" not in unit and "Environment" not in unit
     names = {value.split(":", 1)[0] for value in unit["LoadCredential"]}
-    assert names == {"mqtt_password", "influx_token"}
+    assert names == {"mqtt-password", "influx-token"}  # the names of the room bundle's secrets/
     for command in unit["ExecStart"] + unit["ExecStartPre"]:
         assert not re.search(r"(?i)passw|token|-P\b", command), command
 
@@ -80,13 +80,13 @@ def test_a_credential_is_read_from_the_directory_systemd_gives(tmp_path: Path, m
     """The config names credentials as the unit loads them; the gateway reads them from $CREDENTIALS_DIRECTORY."""
     credentials = tmp_path / "credentials"
     credentials.mkdir(mode=0o700)
-    (credentials / "mqtt_password").write_text("mqtt-secret-1\n")
-    (credentials / "influx_token").write_text("influx-secret-1\n")
+    (credentials / "mqtt-password").write_text("mqtt-secret-1\n")
+    (credentials / "influx-token").write_text("influx-secret-1\n")
     config = tmp_path / "gateway.toml"
     config.write_text(
         '[gateway]\nsite = "clinic-a"\nid = "room-pc-1"\n'
-        '[mqtt]\nusername = "gateway-room-pc-1"\npassword = { credential = "mqtt_password" }\n'
-        '[influx]\napi = "v2"\norg = "clinic"\nbucket = "infusion"\ntoken = { credential = "influx_token" }\n'
+        '[mqtt]\nusername = "gateway-room-pc-1"\npassword = { credential = "mqtt-password" }\n'
+        '[influx]\napi = "v2"\norg = "clinic"\nbucket = "infusion"\ntoken = { credential = "influx-token" }\n'
     )
     cfg = load_config(config)
     assert cfg.mqtt.password is not None and cfg.influx.token is not None
@@ -94,7 +94,7 @@ def test_a_credential_is_read_from_the_directory_systemd_gives(tmp_path: Path, m
 
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     with pytest.raises(
-        ConfigError, match=r"mqtt\.password: credential mqtt_password: CREDENTIALS_DIRECTORY is not set"
+        ConfigError, match=r"mqtt\.password: credential mqtt-password: CREDENTIALS_DIRECTORY is not set"
     ):
         resolve_secret(cfg.mqtt.password, "mqtt.password")
 
@@ -103,8 +103,8 @@ def test_a_credential_is_read_from_the_directory_systemd_gives(tmp_path: Path, m
     token = resolve_secret(cfg.influx.token, "influx.token")
     assert password is not None and password.get_secret_value() == "mqtt-secret-1"
     assert token is not None and token.get_secret_value() == "influx-secret-1"
-    (credentials / "influx_token").unlink()
-    with pytest.raises(ConfigError, match=r"influx\.token: cannot read secret file .*influx_token"):
+    (credentials / "influx-token").unlink()
+    with pytest.raises(ConfigError, match=r"influx\.token: cannot read secret file .*influx-token"):
         resolve_secret(cfg.influx.token, "influx.token")
 
 
@@ -116,4 +116,4 @@ def test_a_credential_name_cannot_leave_the_directory(name: str) -> None:
 
 def test_exactly_one_source_of_a_secret() -> None:
     with pytest.raises(ValueError, match="exactly one"):
-        SecretRef.model_validate({"credential": "mqtt_password", "env": "MQTT_PASSWORD"})
+        SecretRef.model_validate({"credential": "mqtt-password", "env": "MQTT_PASSWORD"})
