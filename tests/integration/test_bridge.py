@@ -132,7 +132,7 @@ def site_config(folder: Path, pki: Pki, group_tls_port: int, bridge_password: st
     substitutions = {
         "address group-broker.example.org:8883": f"address 127.0.0.1:{group_tls_port}",
         "remote_password CHANGE-ME": f"remote_password {bridge_password}",
-        "bridge_cafile /mosquitto/config/certs/group-ca.crt": f"bridge_cafile {pki.ca}",
+        "bridge_cafile /mosquitto/site/conf.d/group-ca.crt": f"bridge_cafile {pki.ca}",
         "restart_timeout 2 15": "restart_timeout 1 2",
     }
     for line in substitutions:
