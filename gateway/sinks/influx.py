@@ -254,7 +254,7 @@ class InfluxSink:
             await self._http.close()
             self._http = None
 
-    # A backlog's batches are rendered by this in a worker process (SinkWorker, offload=True), then sent whole.
+    # A backlog's batches are rendered by this in a worker process (the sink worker's RenderedBacklog), then sent whole.
     render = staticmethod(render_body)
 
     async def write(self, batch: Sequence[Item]) -> WriteResult:
