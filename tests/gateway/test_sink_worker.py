@@ -81,19 +81,26 @@ async def test_live_records_overtake_the_backlog_and_nothing_is_lost(tmp_path: P
         await box.close()
 
 
+async def _put_with_poison(box: Outbox, key: str, n: int, poison: int, start: float) -> None:
+    """Commit n readings of one device, the one at index `poison` with a float where every other point has a string:
+    influxd refuses it (field type conflict)."""
+    room, device = key.split("/")
+    origin = origin_for("s", room, device, get_model("masimo-ascii1").spec)
+    for i in range(n):
+        record = reading_record(origin, i + 1, start + i, Reading({"spo2": 97}, device_time="2026-01-01T10:00:00"))
+        if i == poison:
+            record = replace(record, metrics={**record.metrics, "device_time": 1.0}, device_time=None)
+        box.put(key, i + 1, record)
+    await box.flush()
+
+
 async def test_an_influx_backlog_rendered_by_a_worker_process_is_stored_once_and_its_poison_set_aside(
     tmp_path: Path, influxd: Any, influx_db: str
 ) -> None:
     box = Outbox(tmp_path / "outbox.sqlite3", sinks=("influx",))
     await box.open()
-    origin = origin_for("s", "backlog", "ox", get_model("masimo-ascii1").spec)
-    start, n, poison = time.time() - 3600, 1200, 700
-    for i in range(n):
-        record = reading_record(origin, i + 1, start + i, Reading({"spo2": 97}, device_time="2026-01-01T10:00:00"))
-        if i == poison:  # a float where every other point has a string: influxd refuses it (field type conflict)
-            record = replace(record, metrics={**record.metrics, "device_time": 1.0}, device_time=None)
-        box.put("backlog/ox", i + 1, record)
-    await box.flush()
+    n, poison = 1200, 700
+    await _put_with_poison(box, "backlog/ox", n, poison, time.time() - 3600)
     head = box.head()
 
     cfg = InfluxSection(api="v1", url=influxd.url, database=influx_db)
@@ -125,14 +132,8 @@ async def test_a_rejection_a_full_disk_cannot_record_keeps_the_poison_and_the_cu
     the cursor stays in front of the poison (in memory too) and nothing is lost or skipped once space returns."""
     box = Outbox(small_fs / "outbox.sqlite3", sinks=("influx",))
     await box.open()
-    origin = origin_for("s", "room", "ox", get_model("masimo-ascii1").spec)
-    start, n, poison = time.time() - 60, 20, 7
-    for i in range(n):
-        record = reading_record(origin, i + 1, start + i, Reading({"spo2": 97}, device_time="2026-01-01T10:00:00"))
-        if i == poison:  # a float where every other point has a string: influxd refuses it (field type conflict)
-            record = replace(record, metrics={**record.metrics, "device_time": 1.0}, device_time=None)
-        box.put("room/ox", i + 1, record)
-    await box.flush()
+    n, poison = 20, 7
+    await _put_with_poison(box, "room/ox", n, poison, time.time() - 60)
     poison_id = box.head() - n + poison + 1
     filler = fill(small_fs)
     cfg = InfluxSection(api="v1", url=influxd.url, database=influx_db)
