@@ -12,6 +12,7 @@ happens to be whole never conflicts with the field's type.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import ssl
@@ -72,16 +73,22 @@ def _bool(value: bool) -> str:
     return "true" if value else "false"
 
 
-def _series(measurement: str, tags: dict[str, str]) -> str:
+@functools.lru_cache(maxsize=4096)  # a series per device and measurement (and alarm rule): the same few each time
+def _series(measurement: str, tags: tuple[tuple[str, str], ...]) -> str:
     """Measurement and tags, tags sorted by key (InfluxDB's canonical order); empty ones left out."""
     parts = [measurement.translate(_MEASUREMENT)]
-    for key, value in sorted(tags.items()):
+    for key, value in sorted(tags):
         tag = value.translate(_KEY)
         if tag.endswith("\\"):
             tag += " "
         if key and tag:
-            parts.append(f"{key.translate(_KEY)}={tag}")
+            parts.append(f"{_key(key)}={tag}")
     return ",".join(parts)
+
+
+@functools.lru_cache(maxsize=1024)  # field names: metric names and the fixed ones
+def _key(name: str) -> str:
+    return name.translate(_KEY)
 
 
 def to_line(record: Record) -> str | None:
@@ -148,8 +155,8 @@ def to_line(record: Record) -> str | None:
     else:
         return None
     fields["seq"] = f"{int(record.seq)}i"
-    rendered = ",".join(f"{name.translate(_KEY)}={value}" for name, value in sorted(fields.items()))
-    return f"{_series(measurement, tags)} {rendered} {parse_iso_ns(record.time)}"
+    rendered = ",".join([f"{_key(name)}={value}" for name, value in sorted(fields.items())])
+    return f"{_series(measurement, tuple(tags.items()))} {rendered} {parse_iso_ns(record.time)}"
 
 
 def to_lines(batch: Sequence[Record]) -> list[str]:
