@@ -230,15 +230,6 @@ Record = (
     | RoomModeMessage
     | GatewayStatusRecord
 )
-RECORD_TYPES: tuple[type[Envelope], ...] = (
-    ReadingMessage,
-    StatusMessage,
-    WaveformMessage,
-    AlarmMessage,
-    SessionMessage,
-    RoomModeMessage,
-    GatewayStatusRecord,
-)
 
 
 def record_type(record: Envelope) -> str:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -77,27 +77,11 @@ class AlarmFacts:
 
     @classmethod
     def of(cls, r: AlarmMessage) -> AlarmFacts:
-        return cls(
-            id=r.id,
-            site=r.site,
-            room=r.room,
-            device=r.device,
-            alarm_id=r.alarm_id,
-            rule=r.rule,
-            alarm_kind=r.alarm_kind,
-            priority=r.priority,
-            transition=r.transition,
-            metric=r.metric,
-            value=r.value,
-            limit=r.limit,
-            message=r.message,
-            role=r.role,
-            since=r.since,
-            time=r.time,
-            quality=list(r.quality),
-            indeterminate=r.indeterminate,
-            example_profile=r.example_profile,
-        )
+        """The facts of an alarm record: its fields of these names (every one is a field of AlarmMessage)."""
+        return cls(**{name: getattr(r, name) for name in _FACTS})
+
+
+_FACTS = tuple(f.name for f in fields(AlarmFacts))
 
 
 @dataclass

@@ -8,8 +8,10 @@ alarm on the wall), while the event stream still carries both transitions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from devices.base import DeviceState, DeviceStatus, Reading
@@ -50,23 +52,33 @@ async def retained_now(port: int, topic: str) -> bytes | None:
     return got[0]
 
 
-async def test_backlog_alarm_older_than_live_clear_does_not_come_back(mosquitto: Any) -> None:
-    events: list[bytes] = []
-
+@contextlib.asynccontextmanager
+async def collected(port: int, suffix: str) -> AsyncIterator[list[tuple[str, bytes]]]:
+    """(topic, payload) of every message on a topic ending in `suffix`, from the broker's SUBACK on."""
+    got: list[tuple[str, bytes]] = []
     subscribed = asyncio.Event()
 
     async def collect() -> None:
-        async with subscribe(MqttSection(host="127.0.0.1", port=mosquitto.port), ["infusion/#"], "c") as messages:
+        async with subscribe(MqttSection(host="127.0.0.1", port=port), ["infusion/#"], "c") as messages:
             subscribed.set()
             async for topic, payload in messages:
-                if topic.endswith("/events"):
-                    events.append(payload)
+                if topic.endswith(suffix):
+                    got.append((topic, payload))
 
     collecting = asyncio.create_task(collect())
-    async with asyncio.timeout(10):
-        await subscribed.wait()  # the broker has acknowledged the subscription
+    try:
+        async with asyncio.timeout(10):
+            await subscribed.wait()  # the broker has acknowledged the subscription
+        yield got
+    finally:
+        collecting.cancel()
+        await asyncio.gather(collecting, return_exceptions=True)
+
+
+async def test_backlog_alarm_older_than_live_clear_does_not_come_back(mosquitto: Any) -> None:
     now = time.time()
-    async with MqttSink(MqttSection(host="127.0.0.1", port=mosquitto.port), "site", "gw", live_window_s=5) as sink:
+    cfg = MqttSection(host="127.0.0.1", port=mosquitto.port)
+    async with collected(mosquitto.port, "/events") as events, MqttSink(cfg, "site", "gw", live_window_s=5) as sink:
         await sink.write(as_items([alarm(2, now - 1, "cleared", False)]))  # live: drained first
         await sink.write(as_items([alarm(1, now - 30, "raised", True)]))  # backlog: older, drained after
         await wait_for(lambda: len(events) == 2, 5)
@@ -74,8 +86,6 @@ async def test_backlog_alarm_older_than_live_clear_does_not_come_back(mosquitto:
         await sink.write(as_items([alarm(3, now, "raised", True)]))  # a newer raise does show
         retained = await retained_now(mosquitto.port, ACTIVE)
         assert retained is not None and json.loads(retained)["seq"] == 3
-    collecting.cancel()
-    await asyncio.gather(collecting, return_exceptions=True)
 
 
 async def test_older_device_status_does_not_replace_newer(mosquitto: Any) -> None:
@@ -91,29 +101,15 @@ async def test_older_device_status_does_not_replace_newer(mosquitto: Any) -> Non
 async def test_a_live_record_is_published_as_the_outbox_stored_it_a_late_one_marked_historical(mosquitto: Any) -> None:
     """The payload of a live record is its stored body, byte for byte; one sent after the live window is the same
     record marked historical; one sent before its commit (storage unusable) is marked durable: false."""
-    got: list[tuple[str, bytes]] = []
-    subscribed = asyncio.Event()
-
-    async def collect() -> None:
-        async with subscribe(MqttSection(host="127.0.0.1", port=mosquitto.port), ["infusion/#"], "c") as messages:
-            subscribed.set()
-            async for topic, payload in messages:
-                if topic.endswith("/reading"):
-                    got.append((topic, payload))
-
-    collecting = asyncio.create_task(collect())
-    async with asyncio.timeout(10):
-        await subscribed.wait()
     now = time.time()
     live = reading_record(ORIGIN, 7, now, Reading({"spo2": 97.0}, ("low_perfusion",)))
     late = reading_record(ORIGIN, 6, now - 60, Reading({"spo2": 96.0}))
     unsaved = reading_record(ORIGIN, 8, now, Reading({"spo2": 95.0}))
-    async with MqttSink(MqttSection(host="127.0.0.1", port=mosquitto.port), "site", "gw", live_window_s=5) as sink:
+    cfg = MqttSection(host="127.0.0.1", port=mosquitto.port)
+    async with collected(mosquitto.port, "/reading") as got, MqttSink(cfg, "site", "gw", live_window_s=5) as sink:
         await sink.write(as_items([live, late]))
         await sink.write_undurable([unsaved])
         await wait_for(lambda: len(got) == 3, 5)
-    collecting.cancel()
-    await asyncio.gather(collecting, return_exceptions=True)
     assert got[0] == ("infusion/site/3/oximeter/reading", encode(live))
     assert json.loads(got[1][1]) == {**json.loads(encode(late)), "historical": True}
     assert json.loads(got[2][1]) == {**json.loads(encode(unsaved)), "durable": False}
