@@ -19,21 +19,23 @@ types are skipped as a resync (their lengths are not in the notes).
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 from devices.base import (
     DeviceKind,
     DeviceSpec,
     DeviceState,
-    DeviceStatus,
     ErrorKind,
-    Event,
+    Frame,
     FramedDriver,
     Model,
     ProtocolError,
     Reading,
+    Record,
     Sample,
     SerialSettings,
+    StatusRules,
     Waveform,
 )
 
@@ -57,6 +59,16 @@ REALTIME = 0x01
 PACKET = 9
 KEEPALIVE_S = 5.0
 RESTART_AFTER_S = 2.0
+HIGH_BITS = int.from_bytes(b"\x80" * (PACKET - 1), "little")
+# Bit k of the high byte, spread to bit 7 of data byte k: the 7 bytes of high bits for each value of the high byte.
+SPREAD = [sum(((h >> k) & 1) << (8 * k + 7) for k in range(PACKET - 2)) for h in range(128)]
+# (restored byte, bit, flag) of a real-time packet, in the order the flags are listed
+FLAGS = (
+    (2, 0x80, "probe_off"),
+    (3, 0x80, "searching"),
+    (2, 0x10, "searching_too_long"),
+    (2, 0x20, "device_alarm_spo2_low"),
+)
 
 
 def command(code: int) -> bytes:
@@ -70,8 +82,9 @@ KEEPALIVE = command(0xAF)
 
 
 def restore(packet: bytes) -> bytes:
-    high = packet[1]
-    return packet[:2] + bytes((b & 0x7F) | (((high >> (k - 2)) & 1) << 7) for k, b in enumerate(packet[2:], 2))
+    """The packet with each data byte's real bit 7 put back from the high byte."""
+    data = int.from_bytes(packet[2:], "little") & ~HIGH_BITS | SPREAD[packet[1] & 0x7F]
+    return packet[:2] + data.to_bytes(len(packet) - 2, "little")
 
 
 def hide(data: bytes) -> bytes:
@@ -85,19 +98,15 @@ def hide(data: bytes) -> bytes:
 
 class ContecDriver(FramedDriver):
     spec: ClassVar[DeviceSpec] = SPEC
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._status: DeviceStatus | None = None
-        self._started = False
-        self._next_keepalive = 0.0
-        self._last_packet: float | None = None
+    status_rules = StatusRules((("probe_off", DeviceState.PROBE_OFF), ("searching", DeviceState.SEARCHING)))
+    sync = re.compile(rb"\x01(?:[\x80-\xff]|\Z)")  # the type, then the high byte (bit 7 set), or not yet
+    no_frame = "bytes before a real-time packet"
 
     def reset(self) -> None:
         super().reset()
-        self._status = None
         self._started = False
-        self._last_packet = None
+        self._next_keepalive = 0.0
+        self._last_packet: float | None = None
 
     def outgoing(self, now: float) -> bytes:
         if not self._started or (self._last_packet is not None and now - self._last_packet > RESTART_AFTER_S):
@@ -110,76 +119,26 @@ class ContecDriver(FramedDriver):
             return KEEPALIVE
         return b""
 
-    def _decode(self, buf: bytes, pos: int, now: float) -> tuple[int, list[Event]]:
-        start = self._find_start(buf, pos, min(len(buf), pos + self.max_buffer - len(self._held)))
-        if start > pos:
-            # A run of noise is reported whole once a packet start follows (or at flush, or in pieces of
-            # max_buffer bytes); it is held outside the buffer, so no later read looks at it again.
-            return start - pos, self._hold(buf[pos:start])
-        if len(buf) - pos < 2:
-            return 0, []  # a 0x01 as the last byte may be a start or noise: only the next byte tells
-        events = self._release("bytes before a real-time packet")
+    def decode_frame(self, buf: bytes, pos: int, now: float) -> tuple[int, Frame | None]:
         if len(buf) - pos < PACKET:
-            self._need = PACKET
-            return 0, events
+            return self.need(PACKET)
         wire = buf[pos : pos + PACKET]
-        if not all(b & 0x80 for b in wire[1:]):
-            return 1, [*events, ProtocolError(ErrorKind.RESYNC, "bit-7 pattern broken inside a packet", wire[:1])]
+        if int.from_bytes(wire[1:], "little") & HIGH_BITS != HIGH_BITS:
+            return 1, ProtocolError(ErrorKind.RESYNC, "bit-7 pattern broken inside a packet", wire[:1])
+        self._last_packet = now
         data = restore(wire)
-        events += self._packet(data, wire)
-        if any(isinstance(e, Reading) for e in events):
-            self._last_packet = now
-        return PACKET, events
-
-    def _find_start(self, buf: bytes, pos: int, end: int) -> int:
-        """The first offset in [pos, end) where a packet may start (0x01, then a byte with bit 7 set or nothing
-        yet), or `end`. A C-level search: noise costs one pass, whatever the read size."""
-        i = pos
-        while (i := buf.find(REALTIME, i, end)) >= 0:
-            if i + 1 == len(buf) or buf[i + 1] & 0x80:
-                break
-            i += 1
-        else:
-            i = end
-        self.examined += i - pos
-        return i
-
-    def _packet(self, data: bytes, wire: bytes) -> list[Event]:
-        probe_error = bool(data[2] & 0x80)
-        searching = bool(data[3] & 0x80)
-        pulse, spo2 = data[5], data[6]
-        pi_raw = data[7] | data[8] << 8
+        flags = tuple(flag for at, bit, flag in FLAGS if data[at] & bit) if data[2] & 0xB0 or data[3] & 0x80 else ()
         metrics: dict[str, float] = {}
-        if spo2 not in (0, 0x7F):
-            metrics["spo2"] = spo2
-        if pulse not in (0, 0xFF):
-            metrics["pulse_rate"] = pulse
-        if not data[4] & 0x10 and pi_raw != 0xFFFF:
-            metrics["perfusion_index"] = pi_raw / 100
-        for name, value in metrics.items():
-            low, high = SPEC.range_of(name)
-            if not low <= value <= high:
-                return [ProtocolError(ErrorKind.OUT_OF_RANGE, f"{name} {value:g} is implausible", wire)]
-        flags: list[str] = []
-        if probe_error:
-            flags.append("probe_off")
-        if searching:
-            flags.append("searching")
-        if data[2] & 0x10:
-            flags.append("searching_too_long")
-        if data[2] & 0x20:
-            flags.append("device_alarm_spo2_low")
-        if probe_error:
-            metrics = {}  # with the finger out, nothing the device shows is the patient's
-        state = DeviceState.PROBE_OFF if probe_error else DeviceState.SEARCHING if searching else DeviceState.OK
-        events: list[Event] = []
-        status = DeviceStatus(state, code=data[2])
-        if self._status is None or self._status.state != state:
-            events.append(status)
-        self._status = status
-        events.append(Reading(metrics, tuple(flags), raw=wire))
-        events.append(Waveform("pleth", (data[3] & 0x7F,), 60.0))
-        return events
+        if not data[2] & 0x80:  # with the finger out, nothing the device shows is the patient's
+            pulse, spo2, pi_raw = data[5], data[6], data[7] | data[8] << 8
+            if spo2 not in (0, 0x7F):  # real v4.6 devices send 0 with the finger out, not the spec's 0x7F
+                metrics["spo2"] = spo2
+            if pulse not in (0, 0xFF):
+                metrics["pulse_rate"] = pulse
+            if not data[4] & 0x10 and pi_raw != 0xFFFF:
+                metrics["perfusion_index"] = pi_raw / 100
+        pleth = Waveform("pleth", (data[3] & 0x7F,), 60.0)
+        return PACKET, Record(Reading(metrics, flags, raw=wire), data[2], pleth)
 
 
 def encode(sample: Sample) -> bytes:

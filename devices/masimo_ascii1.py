@@ -19,13 +19,14 @@ Decoding rules, which keep garbage from ever becoming a reading (there is no che
   no key twice; SPO2, BPM, ALARM and EXC must be present, and every known key's value must have its format;
 - SPO2, BPM and PI have their fixed widths (`098%`, `097`, `03.60%`), so a dropped digit is caught, and a
   known key with a character lost (`P=`, `SPMT=`) rejects the line rather than passing as a new field;
-- values outside the plausible ranges of devices.base.METRICS reject the whole line (it is damaged);
+- values outside the spec's plausible ranges reject the whole line (it is damaged; FramedDriver checks them);
 - what no check can catch, for want of a checksum: a bit flip that turns one digit into another (`8` -> `9`).
   Uniform noise cannot pass: the start alone (12 digits and 6 separators in place) fits under 1 line start in 10^31,
   and 100 MB of it made no reading (tests/devices/test_noise.py), so nothing beyond the rules above is needed.
 - anything else (a partial first line after opening the port, the TrendCom trend format, noise) is one
-  ProtocolError per line. A line with no LF within MAX_LINE bytes is an overflow; the rest of it, up to its LF,
-  is one resync error when the LF comes (so lines after it in the same read are still read).
+  ProtocolError per line: every line is a frame (no `sync`). A line with no LF within MAX_LINE bytes is an
+  overflow; the rest of it, up to its LF, is skipped as one run of noise (so lines after it in the same read are
+  still read).
 """
 
 from __future__ import annotations
@@ -35,19 +36,19 @@ from datetime import datetime
 from typing import ClassVar
 
 from devices.base import (
-    METRICS,
     DeviceKind,
     DeviceSpec,
     DeviceState,
-    DeviceStatus,
     ErrorKind,
-    Event,
+    Frame,
     FramedDriver,
     Model,
     ProtocolError,
     Reading,
+    Record,
     Sample,
     SerialSettings,
+    StatusRules,
 )
 
 SPEC = DeviceSpec(
@@ -62,6 +63,7 @@ SPEC = DeviceSpec(
 )
 
 MAX_LINE = 400  # the longest layout (rainbow Radical-7) is about 190 characters
+LINE_END = re.compile(rb"\n")
 
 # EXC bit -> flag. Several bits fold into one flag because the gateway acts on them alike.
 EXC_FLAGS: dict[int, str] = {
@@ -107,20 +109,22 @@ ALARM_FLAGS: dict[int, str] = {
 }
 
 # State priority: the first present wins; the other quality flags become conditions.
-STATE_ORDER: tuple[tuple[str, DeviceState], ...] = (
-    ("no_sensor", DeviceState.NO_SENSOR),
-    ("sensor_fault", DeviceState.SENSOR_FAULT),
-    ("probe_off", DeviceState.PROBE_OFF),
-    ("searching", DeviceState.SEARCHING),
+STATUS = StatusRules(
+    states=(
+        ("no_sensor", DeviceState.NO_SENSOR),
+        ("sensor_fault", DeviceState.SENSOR_FAULT),
+        ("probe_off", DeviceState.PROBE_OFF),
+        ("searching", DeviceState.SEARCHING),
+    ),
+    conditions=("low_perfusion", "interference", "low_signal_iq", "ambient_light", "sensor_calibrating"),
+    details={
+        DeviceState.OK: "valid data",
+        DeviceState.NO_SENSOR: "no sensor or cable connected",
+        DeviceState.SENSOR_FAULT: "sensor or cable fault",
+        DeviceState.PROBE_OFF: "sensor off patient",
+        DeviceState.SEARCHING: "searching for pulse",
+    },
 )
-CONDITIONS = ("low_perfusion", "interference", "low_signal_iq", "ambient_light", "sensor_calibrating")
-STATE_DETAIL = {
-    DeviceState.OK: "valid data",
-    DeviceState.NO_SENSOR: "no sensor or cable connected",
-    DeviceState.SENSOR_FAULT: "sensor or cable fault",
-    DeviceState.PROBE_OFF: "sensor off patient",
-    DeviceState.SEARCHING: "searching for pulse",
-}
 
 PREFIX = re.compile(rb"(\d\d)/(\d\d)/(\d\d) (\d\d):(\d\d):(\d\d) ")
 KEY = re.compile(r"[A-Z][A-Z0-9]*\Z")
@@ -157,15 +161,11 @@ def _missing(value: str) -> bool:
     return "-" in value[:2]
 
 
-def _number(fields: dict[str, str], key: str, metric: str) -> float | None:
+def _number(fields: dict[str, str], key: str) -> float | None:
     value = fields.get(key)
     if value is None or _missing(value):
         return None
-    number = float(value.rstrip("%"))
-    spec = METRICS[metric]
-    if not spec.low <= number <= spec.high:
-        raise _LineError(ErrorKind.OUT_OF_RANGE, f"{key}={value} outside {spec.low:g}..{spec.high:g}")
-    return number
+    return float(value.rstrip("%"))
 
 
 def _bits(value: int, table: dict[int, str], unknown_prefix: str, ignore: int = 0) -> list[str]:
@@ -180,8 +180,9 @@ def _bits(value: int, table: dict[int, str], unknown_prefix: str, ignore: int = 
     return flags
 
 
-def parse_record(line: bytes) -> tuple[Reading, int]:
-    """One line without its CR LF -> (Reading, EXC word), or _LineError saying why it is not a record."""
+def parse_record(raw: bytes) -> Record:
+    """One line with its CR LF -> a Record (the EXC word its code), or _LineError saying why it is not a record."""
+    line = raw.rstrip(b"\r\n")
     prefix = PREFIX.match(line)
     if prefix is None:
         raise _LineError(ErrorKind.MALFORMED, "not an ASCII 1 record: no 'MM/DD/YY HH:MM:SS ' at the start")
@@ -216,77 +217,43 @@ def parse_record(line: bytes) -> tuple[Reading, int]:
 
     metrics: dict[str, float] = {}
     for key, metric in (("SPO2", "spo2"), ("BPM", "pulse_rate"), ("PI", "perfusion_index")):
-        number = _number(fields, key, metric)
+        number = _number(fields, key)
         if number is not None:
             metrics[metric] = number if metric == "perfusion_index" else int(number)
     exc = int(fields["EXC"], 16)
     alarm = int(fields["ALARM"], 16)
     flags = _bits(exc, EXC_FLAGS, "exc_", ignore=EXC_SET | EXC_RESERVED) + _bits(alarm, ALARM_FLAGS, "alarm_")
-    return Reading(metrics=metrics, flags=tuple(flags), device_time=device_time, raw=line), exc
-
-
-def status_of(flags: tuple[str, ...], exc: int | None) -> DeviceStatus:
-    state = next((s for flag, s in STATE_ORDER if flag in flags), DeviceState.OK)
-    conditions = tuple(c for c in CONDITIONS if c in flags)
-    return DeviceStatus(state, conditions, exc, STATE_DETAIL[state])
+    return Record(Reading(metrics=metrics, flags=tuple(flags), device_time=device_time, raw=raw), exc)
 
 
 class MasimoAscii1Driver(FramedDriver):
     spec: ClassVar[DeviceSpec] = SPEC
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._status: DeviceStatus | None = None
-        self._overlong = False  # inside a line that overflowed: bytes up to its LF are held, then reported
+    status_rules = STATUS
+    no_frame = f"rest of a line longer than {MAX_LINE} bytes"  # the only bytes this driver skips
 
     def reset(self) -> None:
         super().reset()
-        self._status = None  # the first record after a reconnect announces the status again
-        self._overlong = False
+        self.sync = None
 
-    def flush(self) -> list[Event]:
-        self._overlong = False
-        return super().flush()
-
-    def _rest_of_overlong(self, buf: bytes, pos: int) -> tuple[int, list[Event]]:
-        """Bytes up to the LF of a line that overflowed: held, and reported as one error when the LF comes."""
-        limit = min(len(buf), pos + self.max_buffer - len(self._held))
-        end = buf.find(b"\n", pos, limit)
-        self.examined += (limit if end < 0 else end) - pos
-        if end < 0:
-            return limit - pos, self._hold(buf[pos:limit])
-        self._overlong = False
-        held = self._hold(buf[pos : end + 1])
-        return end + 1 - pos, held + self._release(f"rest of a line longer than {MAX_LINE} bytes")
-
-    def _decode(self, buf: bytes, pos: int, now: float) -> tuple[int, list[Event]]:
-        if self._overlong:
-            return self._rest_of_overlong(buf, pos)
+    def decode_frame(self, buf: bytes, pos: int, now: float) -> tuple[int, Frame | None]:
+        if self.sync is not None:  # the LF that ends an overlong line: the next line starts after it
+            self.sync = None
+            return self.skip(buf[pos : pos + 1])
         end = buf.find(b"\n", pos, pos + MAX_LINE + 2)
         self.examined += (min(len(buf), pos + MAX_LINE + 2) if end < 0 else end) - pos
         if end < 0:
             if len(buf) - pos > MAX_LINE + 1:
-                self._overlong = True
+                self.sync = LINE_END  # the rest of the line, up to its LF, is skipped as one run
                 cut = buf[pos : pos + MAX_LINE + 2]
-                return len(cut), [ProtocolError(ErrorKind.OVERFLOW, f"no line end within {MAX_LINE} bytes", cut)]
-            self._need, self._until = MAX_LINE + 2, ord("\n")  # not called again until a LF or an overflow
-            return 0, []
+                return len(cut), ProtocolError(ErrorKind.OVERFLOW, f"no line end within {MAX_LINE} bytes", cut)
+            return self.need(MAX_LINE + 2, until=ord("\n"))
         raw = buf[pos : end + 1]
-        line = raw.rstrip(b"\r\n")
-        if not line.strip(b"\r"):
-            return len(raw), []  # blank lines between records (a tty's CR->NL mapping makes them)
+        if not raw.strip(b"\r\n"):
+            return len(raw), None  # blank lines between records (a tty's CR->NL mapping makes them)
         try:
-            reading, exc = parse_record(line)
+            return len(raw), parse_record(raw)
         except _LineError as err:
-            return len(raw), [ProtocolError(err.kind, err.detail, raw)]
-        reading = Reading(reading.metrics, reading.flags, reading.device_time, raw)
-        events: list[Event] = []
-        status = status_of(reading.flags, exc)
-        if self._status is None or (status.state, status.conditions) != (self._status.state, self._status.conditions):
-            events.append(status)
-        self._status = status
-        events.append(reading)
-        return len(raw), events
+            return len(raw), ProtocolError(err.kind, err.detail, raw)
 
 
 # --- encode (simulators) -------------------------------------------------------------------------------------

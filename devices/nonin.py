@@ -28,7 +28,7 @@ b1 battery critical are [1] (drphrozen, other models); b6 and b4 are named by no
 the value ranges let 1 offset in 35 of uniform noise pass as a record (read as such, 22,000 readings per MB of
 noise, one a second at 9600 baud), so what a record must prove depends on what came before it:
 - in lock (the previous record ended where this one starts, nothing skipped since): the bit-7 pattern and the
-  value ranges (METRICS, or the missing codes). A locked device is never dropped for what it says.
+  value ranges (the spec's, or the missing codes). A locked device is never dropped for what it says.
 - after at most QUICK_RESYNC_BYTES skipped bytes (a port opened mid-record, a damaged or lost byte): one record,
   which must also not have LPRF and MPRF together [guess: they are alternative levels], and must follow one of
   the last two accepted records that are at most REF_FRESH_S old (`_follows`: slow status bits unchanged, SpO2
@@ -60,9 +60,10 @@ Conditions: low_perfusion (red), marginal_perfusion (yellow), low_battery. In DF
 for PERFUSION_HOLD_PACKETS packets, because the marker comes once per pulse and would otherwise flicker between
 packets; artifact is a per-packet flag only, not a condition, for the same reason.
 
-Skipped bytes are reported as one ProtocolError per contiguous run, when the run ends (a frame locks, a reply
-byte arrives) or reaches RUN_CAP bytes, so the events do not depend on how the stream is chunked. Trailing
-garbage is reported once more bytes follow it.
+Skipped bytes are reported as one ProtocolError per contiguous run (FramedDriver), when the run ends (a frame
+locks, a reply byte arrives) or reaches `max_buffer` bytes (about 1 s of data), so the events do not depend on how
+the stream is chunked; its kind is why its first byte was no frame (bad checksum, implausible values, resync).
+Trailing garbage is reported once more bytes follow it.
 """
 
 from __future__ import annotations
@@ -73,19 +74,19 @@ from enum import Enum
 from typing import ClassVar
 
 from devices.base import (
-    METRICS,
     DeviceKind,
     DeviceSpec,
     DeviceState,
-    DeviceStatus,
     ErrorKind,
-    Event,
+    Frame,
     FramedDriver,
     Model,
     ProtocolError,
     Reading,
+    Record,
     Sample,
     SerialSettings,
+    StatusRules,
     Waveform,
 )
 
@@ -94,6 +95,7 @@ FORMAT_DF7 = 0x07
 FORMAT_DF8 = 0x08
 ACK = 0x06
 NAK = 0x15
+REPLIES = (ACK, NAK)
 MISSING_HR = 511
 MISSING_SPO2 = 127
 
@@ -106,7 +108,6 @@ DF8_LEN = 4
 DEVICE_WINDOW_S = 5.0  # the device answers the set-format command only this long after connecting [2+]
 RETRY_AFTER_S = 2.0  # [guess]
 REPLY_WINDOW_S = 8.0  # how long after the first send a 0x06 / 0x15 byte counts as the reply
-RUN_CAP = 1024  # a longer run of skipped bytes is reported in pieces (about 1 s of data)
 PERFUSION_HOLD_PACKETS = 9  # 3 s: one pulse marker at 20 /min or more
 # DF8 sync (module docstring). Steps and slow bits are [guess]es, generous on purpose: they only decide whether to
 # trust the line again, never drop a record in lock.
@@ -142,19 +143,21 @@ S2_UNNAMED = 0x50  # b6, b4: named by no source
 S1_SLOW = S1_SNSD
 S2_SLOW = S2_LOW_BAT | S2_BATT_CRITICAL | S2_SPOT_CHECK
 
-STATE_ORDER: tuple[tuple[str, DeviceState], ...] = (
-    ("no_sensor", DeviceState.NO_SENSOR),
-    ("probe_off", DeviceState.PROBE_OFF),
-    ("out_of_track", DeviceState.SEARCHING),
-    ("searching", DeviceState.SEARCHING),
+STATUS = StatusRules(
+    states=(
+        ("no_sensor", DeviceState.NO_SENSOR),
+        ("probe_off", DeviceState.PROBE_OFF),
+        ("out_of_track", DeviceState.SEARCHING),
+        ("searching", DeviceState.SEARCHING),
+    ),
+    conditions=("low_perfusion", "marginal_perfusion", "low_battery"),
+    details={
+        DeviceState.OK: "valid data",
+        DeviceState.NO_SENSOR: "sensor disconnected or inoperable (SNSD)",
+        DeviceState.PROBE_OFF: "sensor alarm: finger out or unusable signal (SNSA); display values are held",
+        DeviceState.SEARCHING: "no valid pulse (out of track or values missing)",
+    },
 )
-CONDITIONS = ("low_perfusion", "marginal_perfusion", "low_battery")
-STATE_DETAIL = {
-    DeviceState.OK: "valid data",
-    DeviceState.NO_SENSOR: "sensor disconnected or inoperable (SNSD)",
-    DeviceState.PROBE_OFF: "sensor alarm: finger out or unusable signal (SNSA); display values are held",
-    DeviceState.SEARCHING: "no valid pulse (out of track or values missing)",
-}
 
 
 # --- specs ---------------------------------------------------------------------------------------------------
@@ -218,13 +221,17 @@ class _Fit(Enum):
     RANGE = "range"
 
 
-def _value_error(spo2: int, hr: int) -> str | None:
-    """Why these values cannot come from a device, or None: missing codes or plausible METRICS ranges."""
-    if spo2 != MISSING_SPO2 and not METRICS["spo2"].low <= spo2 <= METRICS["spo2"].high:
-        return f"SpO2 {spo2} is neither the missing code 127 nor a plausible value"
-    if hr != MISSING_HR and not METRICS["pulse_rate"].low <= hr <= METRICS["pulse_rate"].high:
-        return f"HR {hr} is neither the missing code 511 nor a plausible value"
-    return None
+# Enum members looked up on their class cost a call each (3.11): the per-byte and per-frame paths use these names.
+FIT_OK, FIT_SHORT, FIT_HEADER, FIT_CHECKSUM, FIT_RANGE = _Fit
+
+
+WHY: dict[_Fit, ErrorKind | None] = {
+    FIT_OK: None,
+    FIT_SHORT: None,
+    FIT_HEADER: ErrorKind.RESYNC,
+    FIT_CHECKSUM: ErrorKind.BAD_CHECKSUM,
+    FIT_RANGE: ErrorKind.OUT_OF_RANGE,
+}
 
 
 def _metrics(spo2: int, hr: int) -> dict[str, float]:
@@ -237,27 +244,17 @@ def _metrics(spo2: int, hr: int) -> dict[str, float]:
 
 
 class _NoninDriver(FramedDriver):
-    """The set-format command and its reply, runs of skipped bytes, and statuses on change."""
+    """The set-format command and its reply, and what a record's flags say."""
 
     data_format: ClassVar[int]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._status: DeviceStatus | None = None
-        self._run = bytearray()
-        self._run_kind = ErrorKind.RESYNC
-        self._run_reason = ""
-        self._sends = 0
-        self._first_sent: float | None = None
-        self._reply: int | None = None
+    status_rules = STATUS
+    max_buffer = 1024  # a longer run of skipped bytes is reported in pieces (about 1 s of data)
 
     def reset(self) -> None:
         super().reset()
-        self._status = None
-        self._run.clear()
         self._sends = 0
-        self._first_sent = None
-        self._reply = None
+        self._first_sent: float | None = None
+        self._reply: int | None = None
 
     @property
     def format_accepted(self) -> bool | None:
@@ -278,159 +275,97 @@ class _NoninDriver(FramedDriver):
             return select_format_command(self.data_format)
         return b""
 
-    def _awaiting_reply(self, now: float) -> bool:
+    def _is_reply(self, byte: int, now: float) -> bool:
+        """A 0x06 / 0x15 byte where a frame would start, while the set-format command waits for its reply."""
         return self._reply is None and self._first_sent is not None and now - self._first_sent <= REPLY_WINDOW_S
 
-    def _take_reply(self, byte: int) -> list[Event]:
-        events = self._end_run()
+    def _take_reply(self, byte: int) -> tuple[int, ProtocolError | None]:
         self._reply = byte
-        if byte == NAK:
-            events.append(
-                ProtocolError(
-                    ErrorKind.MALFORMED,
-                    f"the device refused data format 0x{self.data_format:02X} (NAK): it keeps its stored format; "
-                    "reconnect to retry within its 5-s window, or set the format with Nonin's tools",
-                    bytes((byte,)),
-                )
-            )
-        return events
+        if byte == ACK:
+            return 1, None
+        return 1, ProtocolError(
+            ErrorKind.MALFORMED,
+            f"the device refused data format 0x{self.data_format:02X} (NAK): it keeps its stored format; "
+            "reconnect to retry within its 5-s window, or set the format with Nonin's tools",
+            bytes((byte,)),
+        )
 
-    def _skip(self, data: bytes, kind: ErrorKind, reason: str) -> list[Event]:
-        if not self._run:
-            self._run_kind, self._run_reason = kind, reason
-        self._run += data
-        return self._end_run() if len(self._run) >= RUN_CAP else []
-
-    def _end_run(self) -> list[Event]:
-        if not self._run:
-            return []
-        error = ProtocolError(self._run_kind, f"{self._run_reason}; skipped {len(self._run)} bytes", bytes(self._run))
-        self._run.clear()
-        return [error]
-
-    def _scan(self, buf: bytes, pos: int, now: float) -> int:
-        """How many bytes from `pos` on cannot start a record (stopping at RUN_CAP for the run)."""
-        awaiting = self._awaiting_reply(now)
-        limit = min(len(buf), pos + RUN_CAP - len(self._run))
-        i = pos
-        while i < limit:
-            if awaiting and buf[i] in (ACK, NAK):
-                break
-            fit = self._fit(buf, i)
-            if fit is _Fit.SHORT or (fit is _Fit.OK and self._starts_record(buf, i)):
-                break
-            i += 1
-        self.examined += i - pos
-        return i - pos
-
-    def _skip_scanned(self, buf: bytes, pos: int, n: int, reason: str) -> tuple[int, list[Event]]:
-        first = self._fit(buf, pos)
-        kind = {_Fit.CHECKSUM: ErrorKind.BAD_CHECKSUM, _Fit.RANGE: ErrorKind.OUT_OF_RANGE}.get(first, ErrorKind.RESYNC)
-        detail = {
-            _Fit.CHECKSUM: "bad checksum",
-            _Fit.RANGE: "implausible values",
-        }.get(first, reason)
-        return n, self._skip(buf[pos : pos + n], kind, detail)
-
-    def _emit(self, flags: list[str], code: int, metrics: dict[str, float], raw: bytes) -> list[Event]:
+    @staticmethod
+    def _record(flags: list[str], code: int, metrics: dict[str, float], raw: bytes, wave: Waveform | None) -> Record:
         if not metrics and not {"no_sensor", "probe_off", "out_of_track"} & set(flags):
             flags = ["searching", *flags]
-        state = next((s for flag, s in STATE_ORDER if flag in flags), DeviceState.OK)
-        conditions = tuple(c for c in CONDITIONS if c in flags)
-        events: list[Event] = []
-        if self._status is None or (state, conditions) != (self._status.state, self._status.conditions):
-            self._status = DeviceStatus(state, conditions, code, STATE_DETAIL[state])
-            events.append(self._status)
-        events.append(Reading(metrics=metrics, flags=tuple(flags), raw=raw))
-        return events
-
-    def _fit(self, buf: bytes, i: int) -> _Fit:
-        raise NotImplementedError
-
-    def _starts_record(self, buf: bytes, i: int) -> bool:
-        return True
+        return Record(Reading(metrics=metrics, flags=tuple(flags), raw=raw), code, wave)
 
 
 class _PacketDriver(_NoninDriver):
-    """DF2 and DF7: frames, packets and pleth."""
+    """DF2 and DF7: frames, packets and pleth. Unlocked, a packet starts at a frame with SYNC (`reject` looks for
+    it); locked (`sync` is None), frames follow each other until one fails."""
 
+    frame_start: ClassVar[re.Pattern[bytes]]  # the header's bit pattern, whole or cut short by the end of input
     status_at: ClassVar[int]
     float_at: ClassVar[int] = 3
+    no_frame = "no frame with SYNC (header and checksum)"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._locked = False
+    def reset(self) -> None:
+        super().reset()
+        self.sync = self.frame_start
         self._frames: list[bytes] = []
         self._perfusion: str | None = None
         self._perfusion_age = 0
         self.firmware_revision: int | None = None
 
-    def reset(self) -> None:
-        super().reset()
-        self._locked = False
-        self._frames = []
-        self._perfusion = None
-        self._perfusion_age = 0
+    def _fit(self, buf: bytes, i: int) -> _Fit:
+        raise NotImplementedError
 
     def _pleth(self, frame: bytes) -> int:
         raise NotImplementedError
 
-    def _starts_record(self, buf: bytes, i: int) -> bool:
-        return bool(buf[i + self.status_at] & ST_SYNC)
+    def reject(self, buf: bytes, i: int, skipped: int, now: float) -> ErrorKind | None:
+        if buf[i] in REPLIES and self._is_reply(buf[i], now):
+            return None
+        fit = self._fit(buf, i)
+        if fit is FIT_OK and not buf[i + self.status_at] & ST_SYNC:
+            return ErrorKind.RESYNC
+        return WHY[fit]
 
-    def _decode(self, buf: bytes, pos: int, now: float) -> tuple[int, list[Event]]:
-        if buf[pos] in (ACK, NAK) and self._awaiting_reply(now):
-            return 1, self._take_reply(buf[pos])
-        events: list[Event] = []
-        if self._locked:
-            fit = self._fit(buf, pos)
-            if fit is _Fit.SHORT:
-                return 0, []
-            if fit is _Fit.OK:
-                frame = buf[pos : pos + FRAME_LEN]
-                sync = bool(frame[self.status_at] & ST_SYNC)
-                if sync and self._frames:
-                    events.append(
-                        ProtocolError(
-                            ErrorKind.RESYNC,
-                            f"SYNC bit where frame {len(self._frames) + 1} of 25 was due: frames were lost, "
-                            "packet restarted",
-                            b"".join(self._frames),
-                        )
-                    )
-                    self._frames = []
-                if sync or self._frames:
-                    self._frames.append(frame)
-                    if len(self._frames) == FRAMES_PER_PACKET:
-                        events += self._packet(self._frames)
-                        self._frames = []
-                    return FRAME_LEN, events
-                reason = "a frame without SYNC where a packet should start"
-                kind = ErrorKind.RESYNC
-            else:
-                kind = ErrorKind.BAD_CHECKSUM if fit is _Fit.CHECKSUM else ErrorKind.RESYNC
-                reason = "bad checksum, frame lock lost" if fit is _Fit.CHECKSUM else "bad frame header, lock lost"
-            self._locked = False
-            events += self._skip(b"".join(self._frames), kind, reason)
-            self._frames = []
-        n = self._scan(buf, pos, now)
-        if n:
-            consumed, skipped = self._skip_scanned(buf, pos, n, "no frame with SYNC (header and checksum)")
-            return consumed, events + skipped
-        if self._fit(buf, pos) is not _Fit.OK:
-            return 0, events  # SHORT, or a reply byte that _decode takes on its next call
-        self._locked = True
-        self._frames = [buf[pos : pos + FRAME_LEN]]
-        return FRAME_LEN, [*events, *self._end_run()]
+    def decode_frame(self, buf: bytes, pos: int, now: float) -> tuple[int, Frame | None]:
+        if buf[pos] in REPLIES and self._is_reply(buf[pos], now):
+            return self._take_reply(buf[pos])
+        if self.sync is not None:  # `reject` let through a frame with SYNC, or the start of one
+            if len(buf) - pos < FRAME_LEN:
+                return self.need(FRAME_LEN)
+            self.sync = None  # locked
+            self._frames = [buf[pos : pos + FRAME_LEN]]
+            return FRAME_LEN, None
+        fit = self._fit(buf, pos)
+        if fit is FIT_OK:
+            frame = buf[pos : pos + FRAME_LEN]
+            starts = frame[self.status_at] & ST_SYNC
+            if starts and self._frames:
+                lost = len(self._frames)
+                detail = f"SYNC bit where frame {lost + 1} of 25 was due: frames were lost, packet restarted"
+                dropped, self._frames = b"".join(self._frames), [frame]
+                return FRAME_LEN, ProtocolError(ErrorKind.RESYNC, detail, dropped)
+            if starts or self._frames:
+                self._frames.append(frame)
+                if len(self._frames) < FRAMES_PER_PACKET:
+                    return FRAME_LEN, None
+                frames, self._frames = self._frames, []
+                return FRAME_LEN, self._packet(frames)
+            kind, reason = ErrorKind.RESYNC, "a frame without SYNC where a packet should start"
+        elif fit is FIT_SHORT:
+            return self.need(FRAME_LEN)
+        elif fit is FIT_CHECKSUM:
+            kind, reason = ErrorKind.BAD_CHECKSUM, "bad checksum, frame lock lost"
+        else:
+            kind, reason = ErrorKind.RESYNC, "bad frame header, lock lost"
+        self.sync = self.frame_start  # the partial packet's frames and this byte start a run of noise
+        self.skip(b"".join(self._frames), kind, reason)
+        self._frames = []
+        return self.skip(buf[pos : pos + 1], kind, reason)
 
-    def _packet(self, frames: list[bytes]) -> list[Event]:
-        raw = b"".join(frames)
+    def _packet(self, frames: list[bytes]) -> Record:
         floats = [f[self.float_at] & 0x7F for f in frames]
-        spo2 = floats[F_SPO2_D]
-        hr = decode_hr(floats[F_HR_D_MSB], floats[F_HR_D_LSB])
-        problem = _value_error(spo2, hr)
-        if problem is not None:
-            return [ProtocolError(ErrorKind.OUT_OF_RANGE, f"packet with checksums right but {problem}", raw)]
         status = 0
         worst: str | None = None
         for f in frames:
@@ -461,23 +396,24 @@ class _PacketDriver(_NoninDriver):
             flags.append("low_battery")
         if stat2 & STAT2_SPA:
             flags.append("smartpoint")
-        events = self._emit(flags, status, _metrics(spo2, hr), raw)
-        events.append(Waveform("pleth", tuple(self._pleth(f) for f in frames), FRAME_RATE_HZ))
-        return events
+        metrics = _metrics(floats[F_SPO2_D], decode_hr(floats[F_HR_D_MSB], floats[F_HR_D_LSB]))
+        wave = Waveform("pleth", tuple(self._pleth(f) for f in frames), FRAME_RATE_HZ)
+        return self._record(flags, status, metrics, b"".join(frames), wave)
 
 
 class NoninDF2Driver(_PacketDriver):
     spec: ClassVar[DeviceSpec] = SPEC_DF2
     data_format = FORMAT_DF2
+    frame_start = re.compile(rb"[\x06\x15]|\x01(?:[\x80-\xff][\x00-\xff][\x00-\x7f]|[\x80-\xff][\x00-\xff]?\Z|\Z)")
     status_at = 1
 
     def _fit(self, buf: bytes, i: int) -> _Fit:
         n = len(buf) - i
         if buf[i] != 0x01 or (n > 1 and not buf[i + 1] & 0x80) or (n > 3 and buf[i + 3] & 0x80):
-            return _Fit.HEADER
+            return FIT_HEADER
         if n < FRAME_LEN:
-            return _Fit.SHORT
-        return _Fit.OK if frame_checksum(buf[i : i + 4]) == buf[i + 4] else _Fit.CHECKSUM
+            return FIT_SHORT
+        return FIT_OK if frame_checksum(buf[i : i + 4]) == buf[i + 4] else FIT_CHECKSUM
 
     def _pleth(self, frame: bytes) -> int:
         return frame[2]
@@ -486,15 +422,16 @@ class NoninDF2Driver(_PacketDriver):
 class NoninDF7Driver(_PacketDriver):
     spec: ClassVar[DeviceSpec] = SPEC_DF7
     data_format = FORMAT_DF7
+    frame_start = re.compile(rb"[\x06\x15]|[\x80-\xff](?:[\x00-\xff]{2}[\x00-\x7f]|[\x00-\xff]{0,2}\Z)")
     status_at = 0
 
     def _fit(self, buf: bytes, i: int) -> _Fit:
         n = len(buf) - i
         if not buf[i] & 0x80 or (n > 3 and buf[i + 3] & 0x80):
-            return _Fit.HEADER
+            return FIT_HEADER
         if n < FRAME_LEN:
-            return _Fit.SHORT
-        return _Fit.OK if frame_checksum(buf[i : i + 4]) == buf[i + 4] else _Fit.CHECKSUM
+            return FIT_SHORT
+        return FIT_OK if frame_checksum(buf[i : i + 4]) == buf[i + 4] else FIT_CHECKSUM
 
     def _pleth(self, frame: bytes) -> int:
         return (frame[1] << 8) | frame[2]
@@ -511,9 +448,21 @@ def _follows(prev: bytes, rec: bytes) -> bool:
     return MISSING_HR in (hr_prev, hr) or abs(hr_prev - hr) <= HR_STEP
 
 
-# Where a DF8 record can start: the bit-7 pattern, whole or cut short by the end of the buffer.
-DF8_CANDIDATE = re.compile(rb"[\x80-\xff](?:[\x00-\x7f]{3}|[\x00-\x7f]{0,2}\Z)")
-DF8_CANDIDATE_OR_REPLY = re.compile(rb"[\x06\x15]|[\x80-\xff](?:[\x00-\x7f]{3}|[\x00-\x7f]{0,2}\Z)")
+# (record byte, bit, flag), in the order the flags are listed
+DF8_FLAGS = (
+    (0, S1_SNSD, "no_sensor"),
+    (3, S2_SNSA, "probe_off"),
+    (0, S1_OOT, "out_of_track"),
+    (0, S1_ARTF, "artifact"),
+    (0, S1_LPRF, "low_perfusion"),
+    (0, S1_MPRF, "marginal_perfusion"),
+    (3, S2_LOW_BAT | S2_BATT_CRITICAL, "low_battery"),
+    (3, S2_BATT_CRITICAL, "battery_critical"),
+    (3, S2_SPA, "smartpoint"),
+    (3, S2_SPOT_CHECK, "spot_check_mode"),
+)
+S1_FLAGS = S1_SNSD | S1_OOT | S1_ARTF | S1_LPRF | S1_MPRF
+S2_FLAGS = S2_SNSA | S2_LOW_BAT | S2_BATT_CRITICAL | S2_SPA | S2_SPOT_CHECK
 
 
 class _Sync(Enum):
@@ -522,144 +471,107 @@ class _Sync(Enum):
     LOCK_IN = "lock_in"  # LOCK_IN_RECORDS consecutive records after a longer run
 
 
+SYNC_LOCKED, SYNC_QUICK, SYNC_LOCK_IN = _Sync
+
+
 class NoninDF8Driver(_NoninDriver):
+    """What a record must prove depends on the bytes skipped since the last one (module docstring): `reject` tells
+    in the search, so decode_frame finds a record, a lock-in or a reply wherever it is called."""
+
     spec: ClassVar[DeviceSpec] = SPEC_DF8
     data_format = FORMAT_DF8
-
-    def __init__(self) -> None:
-        super().__init__()
-        # The last two accepted records and when: the last may be noise that fit the pattern right after a record.
-        self._refs: list[tuple[bytes, float]] = []
-        self._since = 0  # bytes skipped since the last accepted record (or the start): 0 after a record is lock
-        self._now = 0.0
-        self._origin = 0  # where the current _decode call starts in its buffer: offsets are counted from there
+    # A reply, or the bit-7 pattern (1 offset in 16 of noise), whole or cut short by the end of input.
+    sync = re.compile(rb"[\x06\x15]|[\x80-\xff](?:[\x00-\x7f]{3}|[\x00-\x7f]{0,2}\Z)")
+    no_frame = "no DF8 record (bit-7 pattern, or not borne out by its neighbours)"
 
     def reset(self) -> None:
         super().reset()
-        self._refs, self._since = [], 0
+        # The last two accepted records and when: the last may be noise that fit the pattern right after a record.
+        self._refs: list[tuple[bytes, float]] = []
+        self._mark = self.skipped  # `skipped` when the last record was accepted: none skipped since then is lock
 
-    def _sync(self, i: int) -> _Sync:
-        before = self._since + i - self._origin
+    def _sync(self, skipped: int) -> _Sync:
+        before = skipped - self._mark
         if before == 0 and self._refs:
-            return _Sync.LOCKED
-        return _Sync.QUICK if before <= QUICK_RESYNC_BYTES else _Sync.LOCK_IN
+            return SYNC_LOCKED
+        return SYNC_QUICK if before <= QUICK_RESYNC_BYTES else SYNC_LOCK_IN
 
-    def _fit(self, buf: bytes, i: int) -> _Fit:
-        sync = self._sync(i)
-        if sync is _Sync.LOCKED:
-            return self._record_fit(buf, i)
-        if sync is _Sync.QUICK:
-            return self._quick_fit(buf, i)
+    def reject(self, buf: bytes, i: int, skipped: int, now: float) -> ErrorKind | None:
+        if buf[i] in REPLIES and self._is_reply(buf[i], now):
+            return None
+        sync = self._sync(skipped)
+        if sync is SYNC_LOCKED:
+            return WHY[self._record_fit(buf, i)]
+        if sync is SYNC_QUICK:
+            return WHY[self._quick_fit(buf, i, now)]
         for k in range(LOCK_IN_RECORDS):
             fit = self._record_fit(buf, i + k * DF8_LEN)
-            if fit is _Fit.SHORT:
-                return fit
-            if fit is not _Fit.OK:
-                return fit if k == 0 else _Fit.HEADER
+            if fit is FIT_SHORT:
+                return None
+            if fit is not FIT_OK:
+                return WHY[fit] if k == 0 else ErrorKind.RESYNC
             j = i + k * DF8_LEN
             if k and not _follows(buf[j - DF8_LEN : j], buf[j : j + DF8_LEN]):
-                return _Fit.HEADER
-        return _Fit.OK
+                return ErrorKind.RESYNC
+        return None
 
-    @staticmethod
-    def _record_fit(buf: bytes, i: int) -> _Fit:
-        """The bit-7 pattern (on the bytes there are) and the value ranges."""
+    def _record_fit(self, buf: bytes, i: int) -> _Fit:
+        """The bit-7 pattern (on the bytes there are) and the values: without a checksum, plausible values are part
+        of what makes 4 bytes a record."""
         rec = buf[i : i + DF8_LEN]
-        if rec and (not rec[0] & 0x80 or any(b & 0x80 for b in rec[1:])):
-            return _Fit.HEADER
+        if rec and (rec[0] < 0x80 or max(rec[1:], default=0) >= 0x80):
+            return FIT_HEADER
         if len(rec) < DF8_LEN:
-            return _Fit.SHORT
-        if _value_error(rec[2], decode_hr(rec[0], rec[1])) is not None:
-            return _Fit.RANGE
-        return _Fit.OK
+            return FIT_SHORT
+        spo2, hr = rec[2], decode_hr(rec[0], rec[1])
+        (spo2_low, spo2_high), (hr_low, hr_high) = self.ranges["spo2"], self.ranges["pulse_rate"]
+        if (spo2 != MISSING_SPO2 and not spo2_low <= spo2 <= spo2_high) or (
+            hr != MISSING_HR and not hr_low <= hr <= hr_high
+        ):
+            return FIT_RANGE
+        return FIT_OK
 
-    def _quick_fit(self, buf: bytes, i: int) -> _Fit:
+    def _quick_fit(self, buf: bytes, i: int, now: float) -> _Fit:
         rec = buf[i : i + DF8_LEN]
         if rec and rec[0] & (S1_LPRF | S1_MPRF) == S1_LPRF | S1_MPRF:
-            return _Fit.HEADER  # contradictory perfusion levels: not a record to acquire sync on [guess]
-        fresh = [ref for ref, at in self._refs if self._now - at <= REF_FRESH_S]
+            return FIT_HEADER  # contradictory perfusion levels: not a record to acquire sync on [guess]
+        fresh = [ref for ref, at in self._refs if now - at <= REF_FRESH_S]
         if not fresh and len(rec) == DF8_LEN and rec[3] & S2_UNNAMED:
-            return _Fit.HEADER
+            return FIT_HEADER
         fit = self._record_fit(buf, i)
-        if fit is _Fit.OK and fresh and not any(_follows(ref, rec) for ref in fresh):
-            return _Fit.HEADER
+        if fit is FIT_OK and fresh and not any(_follows(ref, rec) for ref in fresh):
+            return FIT_HEADER
         return fit
 
     def _accept(self, rec: bytes, now: float) -> None:
         self._refs = [*self._refs[-1:], (rec, now)]
-        self._since = 0
+        self._mark = self.skipped
 
-    def _scan(self, buf: bytes, pos: int, now: float) -> int:
-        """_NoninDriver._scan, jumping straight to the offsets that fit the bit-7 pattern (1 in 16 of noise):
-        every other offset fails every check at its first byte. The search ends DF8_LEN - 1 bytes past `limit`
-        (a candidate before `limit` is whole there, and the pattern's end-of-input branch cannot match before it),
-        so a large read is searched once, not to its end once per RUN_CAP piece."""
-        candidate = DF8_CANDIDATE_OR_REPLY if self._awaiting_reply(now) else DF8_CANDIDATE
-        limit = min(len(buf), pos + RUN_CAP - len(self._run))
-        stop = min(len(buf), limit + DF8_LEN - 1)
-        i = pos
-        while (m := candidate.search(buf, i, stop)) is not None and m.start() < limit:
-            i = m.start()
-            if buf[i] in (ACK, NAK) or self._fit(buf, i) in (_Fit.SHORT, _Fit.OK):
-                self.examined += i - pos
-                return i - pos
-            i += 1
-        self.examined += stop - pos
-        return limit - pos
-
-    def _skip(self, data: bytes, kind: ErrorKind, reason: str) -> list[Event]:
-        self._since += len(data)
-        return super()._skip(data, kind, reason)
-
-    def _decode(self, buf: bytes, pos: int, now: float) -> tuple[int, list[Event]]:
-        self._now, self._origin = now, pos
-        if buf[pos] in (ACK, NAK) and self._awaiting_reply(now):
-            return 1, self._take_reply(buf[pos])
-        fit = self._fit(buf, pos)
-        if fit is _Fit.SHORT:
-            return 0, []
-        if fit is not _Fit.OK:
-            n = self._scan(buf, pos, now)
-            if n:
-                reason = "no DF8 record (bit-7 pattern, or not borne out by its neighbours)"
-                return self._skip_scanned(buf, pos, n, reason)
-            if self._fit(buf, pos) is not _Fit.OK:
-                return 0, []
-        if self._sync(pos) is _Sync.LOCK_IN:
+    def decode_frame(self, buf: bytes, pos: int, now: float) -> tuple[int, Frame | None]:
+        if buf[pos] in REPLIES and self._is_reply(buf[pos], now):
+            return self._take_reply(buf[pos])
+        if self._sync(self.skipped) is SYNC_LOCK_IN:  # `reject` found LOCK_IN_RECORDS records that follow
+            if len(buf) - pos < LOCK_IN_RECORDS * DF8_LEN:
+                return self.need(LOCK_IN_RECORDS * DF8_LEN)
             held = buf[pos : pos + (LOCK_IN_RECORDS - 1) * DF8_LEN]
-            events = self._end_run()
-            events.append(
-                ProtocolError(
-                    ErrorKind.RESYNC,
-                    f"{LOCK_IN_RECORDS - 1} records held back to confirm sync after {self._since} bytes that were no "
-                    f"records: without a checksum only {LOCK_IN_RECORDS} consecutive consistent records are trusted",
-                    held,
-                )
+            detail = (
+                f"{LOCK_IN_RECORDS - 1} records held back to confirm sync after {self.skipped - self._mark} bytes "
+                f"that were no records: without a checksum only {LOCK_IN_RECORDS} consecutive consistent records "
+                "are trusted"
             )
             self._refs = []
             self._accept(held[-DF8_LEN:], now)
-            return len(held), events
+            return len(held), ProtocolError(ErrorKind.RESYNC, detail, held)
+        if len(buf) - pos < DF8_LEN:
+            return self.need(DF8_LEN)
         s1, hr_lsb, spo2, s2 = rec = buf[pos : pos + DF8_LEN]
         self._accept(rec, now)
         flags: list[str] = []
-        for byte, bit, flag in (
-            (s1, S1_SNSD, "no_sensor"),
-            (s2, S2_SNSA, "probe_off"),
-            (s1, S1_OOT, "out_of_track"),
-            (s1, S1_ARTF, "artifact"),
-            (s1, S1_LPRF, "low_perfusion"),
-            (s1, S1_MPRF, "marginal_perfusion"),
-            (s2, S2_LOW_BAT | S2_BATT_CRITICAL, "low_battery"),
-            (s2, S2_BATT_CRITICAL, "battery_critical"),
-            (s2, S2_SPA, "smartpoint"),
-            (s2, S2_SPOT_CHECK, "spot_check_mode"),
-        ):
-            if byte & bit:
-                flags.append(flag)
-        if "low_perfusion" in flags and "marginal_perfusion" in flags:
-            flags.remove("marginal_perfusion")
-        metrics = _metrics(spo2, decode_hr(s1, hr_lsb))
-        return DF8_LEN, [*self._end_run(), *self._emit(flags, (s1 << 8) | s2, metrics, rec)]
+        if s1 & S1_FLAGS or s2 & S2_FLAGS:
+            flags = [flag for i, bit, flag in DF8_FLAGS if rec[i] & bit]
+            if "low_perfusion" in flags and "marginal_perfusion" in flags:
+                flags.remove("marginal_perfusion")
+        return DF8_LEN, self._record(flags, (s1 << 8) | s2, _metrics(spo2, decode_hr(s1, hr_lsb)), rec, None)
 
 
 # --- encode (simulators) -------------------------------------------------------------------------------------

@@ -24,22 +24,24 @@ the gateway's `nibp_overdue` alarm.
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 from devices.base import (
-    METRICS,
     DeviceKind,
     DeviceSpec,
     DeviceState,
     DeviceStatus,
     ErrorKind,
-    Event,
+    Frame,
     FramedDriver,
     Model,
     ProtocolError,
     Reading,
+    Record,
     Sample,
     SerialSettings,
+    StatusRules,
 )
 
 SPEC = DeviceSpec(
@@ -110,24 +112,18 @@ ABORT = command(b"\x79\x01\x00")
 
 class SuntechDriver(FramedDriver):
     spec: ClassVar[DeviceSpec] = SPEC
+    status_rules = StatusRules(details={DeviceState.OK: "measurement done"})
+    sync = re.compile(rb"\x3e")
+    no_frame = "bytes before a packet start"
 
-    def __init__(self, measurement_timeout_s: float = 180.0) -> None:
-        super().__init__()
-        self.measurement_timeout_s = measurement_timeout_s
+    def reset(self) -> None:
+        super().reset()
         self._queue: list[bytes] = []
         self._measuring_since: float | None = None
         self._next_poll = 0.0
         self._busy_retry: float | None = None
         self._last_command = b""
         self.cuff_pressure: int | None = None
-        self._pending_events: list[Event] = []
-
-    def reset(self) -> None:
-        super().reset()
-        self._queue.clear()
-        self._measuring_since = None
-        self._busy_retry = None
-        self.cuff_pressure = None
 
     def start_measurement(self, now: float) -> bool:
         if self._measuring_since is not None:
@@ -135,7 +131,7 @@ class SuntechDriver(FramedDriver):
         self._measuring_since = now
         self._queue.append(START_BP)
         self._next_poll = now + POLL_S
-        self._pending_events.append(DeviceStatus(DeviceState.MEASURING, detail="measurement started"))
+        self.announce(DeviceStatus(DeviceState.MEASURING, detail="measurement started"))
         return True
 
     def abort(self, now: float) -> None:
@@ -146,16 +142,12 @@ class SuntechDriver(FramedDriver):
             self._busy_retry = None
             self._queue.append(self._last_command)
         if self._measuring_since is not None:
-            if now - self._measuring_since > self.measurement_timeout_s:
+            timeout = self.options.measurement_timeout_s
+            if now - self._measuring_since > timeout:
                 self._measuring_since = None
                 self._queue.clear()
-                self._pending_events.append(
-                    DeviceStatus(
-                        DeviceState.CUFF_ERROR,
-                        ("timeout",),
-                        detail=f"measurement did not finish in {self.measurement_timeout_s:g} s",
-                    )
-                )
+                detail = f"measurement did not finish in {timeout:g} s"
+                self.announce(DeviceStatus(DeviceState.CUFF_ERROR, ("timeout",), detail=detail))
             elif now >= self._next_poll and not self._queue:
                 self._queue.append(GET_PRESSURE)
                 self._next_poll = now + POLL_S
@@ -165,85 +157,53 @@ class SuntechDriver(FramedDriver):
         self._queue.clear()
         return out
 
-    def feed(self, data: bytes, now: float) -> list[Event]:
-        events, self._pending_events = self._pending_events, []
-        return events + super().feed(data, now)
-
-    def poll(self, now: float) -> list[Event]:
-        """Events that come from time, not bytes (a measurement started, one that timed out): the gateway asks
-        after each `outgoing`, since a module that never answers sends nothing to `feed`."""
-        events, self._pending_events = self._pending_events, []
-        return events
-
-    def _decode(self, buf: bytes, pos: int, now: float) -> tuple[int, list[Event]]:
-        if buf[pos] != START:
-            # A run of noise is reported whole once a packet start follows (or at flush, or in pieces of
-            # max_buffer bytes); it is held outside the buffer, so no later read looks at it again.
-            end = min(len(buf), pos + self.max_buffer - len(self._held))
-            skip = buf.find(START, pos, end)
-            skip = end if skip < 0 else skip
-            self.examined += skip - pos
-            return skip - pos, self._hold(buf[pos:skip])
-        events = self._release("bytes before a packet start")
+    def decode_frame(self, buf: bytes, pos: int, now: float) -> tuple[int, Frame | None]:
         if len(buf) - pos < 2:
-            return 0, events
+            return self.need(2)
         length = buf[pos + 1]
         if not 4 <= length <= MAX_LEN:
-            return 1, [
-                *events,
-                ProtocolError(ErrorKind.RESYNC, f"impossible packet length {length}", buf[pos : pos + 1]),
-            ]
+            return 1, ProtocolError(ErrorKind.RESYNC, f"impossible packet length {length}", buf[pos : pos + 1])
         if len(buf) - pos < length:
-            self._need = length
-            return 0, events
+            return self.need(length)
         packet = buf[pos : pos + length]
         if sum(packet) & 0xFF:
-            return 1, [*events, ProtocolError(ErrorKind.BAD_CHECKSUM, "packet checksum does not sum to 0", packet[:1])]
-        return length, [*events, *self._packet(packet, now)]
-
-    def _packet(self, packet: bytes, now: float) -> list[Event]:
+            return 1, ProtocolError(ErrorKind.BAD_CHECKSUM, "packet checksum does not sum to 0", packet[:1])
         data = packet[2:-1]
-        if len(packet) == 4:
-            return self._ack(data[0], now)
-        if len(packet) == 5:
+        if length == 4:
+            return length, self._ack(data[0], now)
+        if length == 5:
             value = int.from_bytes(data, "little", signed=True)
             self.cuff_pressure = None if value == -1 else value
-            return []
-        if len(packet) == 0x18:
-            return self._result(packet)
-        return []  # other documented replies (module data, version strings) carry nothing for the gateway
+        elif length == 0x18:
+            return length, self._result(packet)
+        return length, None  # other documented replies (module data, version strings) carry nothing for us
 
-    def _ack(self, char: int, now: float) -> list[Event]:
+    def _ack(self, char: int, now: float) -> ProtocolError | None:
         if char == ord("K") and self._measuring_since is not None:
             self._queue.append(GET_RESULT)
-            return []
+            return None
         if char == ord("B"):
             self._busy_retry = now + 0.5
-            return []
+            return None
         if char in (ord("O"), ord("A"), ord("K")):
-            return []
+            return None
         meaning = ACKS.get(char, f"unknown acknowledgement 0x{char:02x}")
-        return [ProtocolError(ErrorKind.MALFORMED, f"module answered {chr(char)!r}: {meaning}", bytes([char]))]
+        return ProtocolError(ErrorKind.MALFORMED, f"module answered {chr(char)!r}: {meaning}", bytes([char]))
 
-    def _result(self, packet: bytes) -> list[Event]:
+    def _result(self, packet: bytes) -> Frame:
         self._measuring_since = None
         self.cuff_pressure = None
         code = packet[20]
         if code:
             category = ERRORS.get(code, "device_fault")
-            return [DeviceStatus(DeviceState.CUFF_ERROR, (category,), code, f"measurement failed: error {code}")]
+            return DeviceStatus(DeviceState.CUFF_ERROR, (category,), code, f"measurement failed: error {code}")
         sys_ = int.from_bytes(packet[2:4], "little")
         dia = int.from_bytes(packet[4:6], "little")
-        pulse = packet[16]
         mean = int.from_bytes(packet[18:20], "little")
-        metrics = {"nibp_systolic": sys_, "nibp_diastolic": dia, "nibp_mean": mean, "nibp_pulse_rate": pulse}
-        plausible = all(METRICS[k].low <= v <= METRICS[k].high for k, v in metrics.items())
-        if not plausible or not dia < mean < sys_:
-            return [ProtocolError(ErrorKind.OUT_OF_RANGE, f"implausible result {metrics}", packet)]
-        return [
-            DeviceStatus(DeviceState.OK, code=0, detail="measurement done"),
-            Reading({k: float(v) for k, v in metrics.items()}, raw=packet),
-        ]
+        if not dia < mean < sys_:  # each value's own range is checked by FramedDriver against the spec
+            return ProtocolError(ErrorKind.OUT_OF_RANGE, f"implausible result {sys_}/{dia} mean {mean}", packet)
+        metrics = {"nibp_systolic": sys_, "nibp_diastolic": dia, "nibp_mean": mean, "nibp_pulse_rate": packet[16]}
+        return Record(Reading({k: float(v) for k, v in metrics.items()}, raw=packet), code=0)
 
 
 def encode(sample: Sample) -> bytes:
@@ -320,10 +280,4 @@ class SuntechEmulator:
         return reply(b"D")
 
 
-MODEL = Model(
-    spec=SPEC,
-    driver=SuntechDriver,
-    encode=encode,
-    emulator=SuntechEmulator,
-    configured_driver=lambda options: SuntechDriver(options.measurement_timeout_s),
-)
+MODEL = Model(spec=SPEC, driver=SuntechDriver, encode=encode, emulator=SuntechEmulator)

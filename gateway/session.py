@@ -3,6 +3,9 @@
 Unavailable is a state, not an absence: a port that cannot be opened or is lost gives `disconnected`, an open port
 that stays silent longer than the model's `stale_after_s` gives `no_data` (a serial device server never reports a
 lost cable, so only silence tells). Both reach the outbox like any other status.
+
+`run` is the I/O; what it does with what the driver decoded (`handle`) and with time passing (`advance`) is plain
+code, public so that it can be driven without a port.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from devices.base import (
     Driver,
     DriverOptions,
     Event,
-    FramedDriver,
+    Measuring,
+    Polling,
     ProtocolError,
     Reading,
     Waveform,
@@ -33,8 +37,8 @@ from gateway.serial_port import SerialPort, TransportError
 
 log = logging.getLogger(__name__)
 
-# (device session, event, receive time) -> None; the app stamps and commits it.
-EventSink = Callable[["DeviceSession", Reading | DeviceStatus | Waveform, float], None]
+# The session's one output: (device session, event, receive time) -> None; the app stamps and commits it.
+EmitEvent = Callable[["DeviceSession", Reading | DeviceStatus | Waveform, float], None]
 
 
 class CommandRejected(GatewayError):
@@ -42,7 +46,7 @@ class CommandRejected(GatewayError):
 
 
 class DeviceSession:
-    def __init__(self, cfg: DeviceConfig, emit: EventSink, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: DeviceConfig, emit: EmitEvent, clock: Callable[[], float] = time.time) -> None:
         model = get_model(cfg.model)
         spec = model.spec
         if cfg.baudrate is not None:
@@ -52,7 +56,7 @@ class DeviceSession:
         self.cfg = cfg
         self.spec: DeviceSpec = spec
         # The config's per-device options reach the driver (measurement_timeout_s was validated, then ignored).
-        self.driver: Driver = model.make_driver(DriverOptions(measurement_timeout_s=cfg.measurement_timeout_s))
+        self.driver: Driver = model.driver(DriverOptions(measurement_timeout_s=cfg.measurement_timeout_s))
         self.emit = emit
         self.clock = clock
         self.state: DeviceState | None = None
@@ -70,7 +74,7 @@ class DeviceSession:
         self._port: SerialPort | None = None
         self._device_status: DeviceStatus | None = None  # the driver's latest, to restore after no_data
         # Drivers that never send (output-only devices) need no polling for outgoing commands.
-        self._sends = getattr(type(self.driver), "outgoing", None) is not FramedDriver.outgoing
+        self._polling = self.driver if isinstance(self.driver, Polling) else None
 
     @property
     def key(self) -> str:
@@ -112,15 +116,13 @@ class DeviceSession:
             now = self.clock()
             if self._next_measurement is not None and now >= self._next_measurement:
                 self._scheduled_measurement(now)
-            if now >= next_send:
-                out = self.driver.outgoing(now)
+            if self._polling is not None and now >= next_send:
+                out = self._polling.outgoing(now)
                 if out:
                     await port.write(out)
                 next_send = now + 0.2
-                poll = getattr(self.driver, "poll", None)
-                if poll is not None:
-                    self._handle(poll(now), now)
-            self._release(now)
+                self.handle(self._polling.poll(now), now)
+            self.advance(now)
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races a read.
                 async with asyncio.timeout(self._wait_s(now, stale)):
@@ -139,20 +141,22 @@ class DeviceSession:
                 if stale and self._device_status is not None:
                     self._status(self._device_status)  # back from no_data: the device's own state again
                 stale = False
-            self._handle(events, now)
+            self.handle(events, now)
 
     def _wait_s(self, now: float, stale: bool) -> float:
         """How long a read may wait: until the device would be stale, or 0.2 s when something is due sooner
         (commands to send, a held reading or waveform, a measurement). An output-only device that talks once a
         second is not woken in between: at 200 devices that is most of the gateway's CPU."""
         wait = 1.0 if stale else (self.last_data_at or now) + self.spec.stale_after_s - now
-        if self._sends or self._held is not None or self._wave:
+        if self._polling is not None or self._held is not None or self._wave:
             wait = min(wait, 0.2)
         if self._next_measurement is not None:
             wait = min(wait, self._next_measurement - now)
         return max(0.05, wait)
 
-    def _handle(self, events: list[Event], now: float) -> None:
+    def handle(self, events: list[Event], now: float) -> None:
+        """What the driver decoded from bytes received at `now`: statuses and (thinned) readings go out, protocol
+        errors are counted, waveforms are batched (when the device opted in)."""
         for event in events:
             if isinstance(event, ProtocolError):
                 self.protocol_errors += 1
@@ -178,10 +182,11 @@ class DeviceSession:
                     self.emit(self, event, now)
                 else:
                     self._held = event
-        self._release(now)
+        self.advance(now)
 
-    def _release(self, now: float) -> None:
-        """Fast devices (60 records a second) are thinned to the latest reading per publish interval."""
+    def advance(self, now: float) -> None:
+        """Time passed: what waits for its slot goes out. Fast devices (60 records a second) are thinned to the
+        latest reading per publish interval; waveforms go out in one batch a second."""
         interval = self.spec.publish_interval_s
         if self._held is not None and interval is not None and now - self._last_published >= interval:
             reading, self._held = self._held, None
@@ -211,10 +216,9 @@ class DeviceSession:
 
     def start_measurement(self, now: float | None = None) -> None:
         """Start an NIBP measurement now (schedule or command). Raises CommandRejected with the reason."""
-        start = getattr(self.driver, "start_measurement", None)
-        if start is None:
+        if not isinstance(self.driver, Measuring):
             raise CommandRejected(f"{self.cfg.model} does not take measurements on request")
         if self._port is None:
             raise CommandRejected(f"port {self.cfg.port} is not open ({self.state})")
-        if not start(self.clock() if now is None else now):
+        if not self.driver.start_measurement(self.clock() if now is None else now):
             raise CommandRejected("a measurement is already running")

@@ -59,6 +59,13 @@ def load_cases() -> list[Any]:
     return params
 
 
+def nonin_driver(model: Model) -> NoninDF2Driver | NoninDF7Driver | NoninDF8Driver:
+    """A Nonin model's driver, typed: the set-format command (`outgoing`) and its reply are Nonin's own."""
+    driver = model.driver()
+    assert isinstance(driver, NoninDF2Driver | NoninDF7Driver | NoninDF8Driver)
+    return driver
+
+
 def feed_chunks(model: Model, chunks: list[bytes], now: float = 0.0) -> list[Event]:
     driver = model.driver()
     events: list[Event] = []
@@ -327,7 +334,7 @@ def test_perfusion_colour_holds_between_pulse_markers(model: Model) -> None:
 def test_set_format_command_once_then_one_retry(model: Model, fmt: int) -> None:
     cmd = bytes((0x02, 0x70, 0x02, 0x02, fmt, 0x03))
     assert select_format_command(fmt) == cmd
-    driver = model.driver()
+    driver = nonin_driver(model)
     assert driver.outgoing(10.0) == cmd
     assert driver.outgoing(10.5) == b""
     assert driver.outgoing(12.0) == cmd  # no ACK within 2 s
@@ -340,7 +347,7 @@ def test_set_format_command_once_then_one_retry(model: Model, fmt: int) -> None:
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.spec.model)
 def test_ack_between_records_is_the_reply_not_data(model: Model) -> None:
-    driver = model.driver()
+    driver = nonin_driver(model)
     driver.outgoing(0.0)
     rec = model.encode(NORMAL)
     cut = 60 if model is not MODEL_DF8 else 4  # between two frames of the packet
@@ -348,18 +355,18 @@ def test_ack_between_records_is_the_reply_not_data(model: Model) -> None:
     events = driver.feed(stream, 0.2)
     assert not of_type(events, ProtocolError)
     assert len(of_type(events, Reading)) == 2
-    assert driver.format_accepted is True  # type: ignore[attr-defined]
+    assert driver.format_accepted is True
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.spec.model)
 def test_nak_is_reported_as_refused(model: Model) -> None:
-    driver = model.driver()
+    driver = nonin_driver(model)
     driver.outgoing(0.0)
     events = driver.feed(b"\x00\x00" + bytes((NAK,)) + model.encode(NORMAL), 0.3)
     errors = of_type(events, ProtocolError)
     assert [e.dropped for e in errors] == [b"\x00\x00", b"\x15"]
     assert "refused" in errors[1].detail
-    assert driver.format_accepted is False  # type: ignore[attr-defined]
+    assert driver.format_accepted is False
     assert len(of_type(events, Reading)) == 1
 
 
@@ -368,10 +375,10 @@ def test_reply_bytes_are_data_when_no_command_is_pending(model: Model) -> None:
     rec = model.encode(NORMAL)
     events = feed_chunks(model, [bytes((ACK,)) + rec])
     assert isinstance(events[0], ProtocolError) and events[0].dropped == b"\x06"
-    driver = model.driver()
+    driver = nonin_driver(model)
     driver.outgoing(0.0)
     late = driver.feed(bytes((ACK,)) + rec, 100.0)  # long after the reply window
-    assert isinstance(late[0], ProtocolError) and driver.format_accepted is None  # type: ignore[attr-defined]
+    assert isinstance(late[0], ProtocolError) and driver.format_accepted is None
 
 
 # --- emulator -----------------------------------------------------------------------------------------------
@@ -398,11 +405,11 @@ def run_loop(
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.spec.model)
 def test_emulator_with_its_own_driver(model: Model) -> None:
-    driver = model.driver()
+    driver = nonin_driver(model)
     emulator = model.make_emulator()
     assert isinstance(emulator, NoninEmulator)
     events = [e for _, e in run_loop(driver, emulator, NORMAL, until=3.0)]
-    assert driver.format_accepted is True  # type: ignore[attr-defined]
+    assert driver.format_accepted is True
     assert not of_type(events, ProtocolError)
     readings = of_type(events, Reading)
     per_second = 1 if model is MODEL_DF8 else 3

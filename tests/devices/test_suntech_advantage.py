@@ -3,7 +3,7 @@ timeouts become cuff_error statuses; the next measurement still runs."""
 
 from __future__ import annotations
 
-from devices.base import DeviceState, DeviceStatus, Event, ProtocolError, Reading, Sample
+from devices.base import DeviceState, DeviceStatus, DriverOptions, Event, ProtocolError, Reading, Sample
 from devices.suntech_advantage import ABORT, GET_PRESSURE, START_BP, SuntechDriver, SuntechEmulator, command
 
 BP = Sample({"nibp_systolic": 184, "nibp_diastolic": 112, "nibp_mean": 136, "nibp_pulse_rate": 92})
@@ -51,7 +51,7 @@ def test_error_code_becomes_a_cuff_error_with_its_category() -> None:
 
 
 def test_a_measurement_that_never_finishes_times_out_and_the_next_runs() -> None:
-    driver = SuntechDriver(measurement_timeout_s=30)
+    driver = SuntechDriver(DriverOptions(measurement_timeout_s=30))
     driver.start_measurement(0.0)
     assert [e.state for e in driver.poll(0.0) if isinstance(e, DeviceStatus)] == [DeviceState.MEASURING]
     assert driver.outgoing(0.0) == START_BP
@@ -84,17 +84,17 @@ def test_busy_is_retried_and_unknown_acks_are_reported() -> None:
 
 def test_the_configured_measurement_timeout_reaches_the_driver() -> None:
     """Issue 16: `measurement_timeout_s` was validated in the config and then ignored (the driver kept 180 s)."""
-    from devices.base import DeviceState, DeviceStatus
     from gateway.config import DeviceConfig
     from gateway.session import DeviceSession
 
     cfg = DeviceConfig(room="3", name="cuff", model="suntech-advantage", port="/dev/null", measurement_timeout_s=45)
     driver = DeviceSession(cfg, lambda *a: None).driver
-    assert driver.start_measurement(0.0)  # type: ignore[attr-defined]
+    assert isinstance(driver, SuntechDriver)
+    assert driver.start_measurement(0.0)
     driver.outgoing(0.0)
     driver.outgoing(44.0)
-    early = [e.state for e in driver.poll(44.0) if isinstance(e, DeviceStatus)]  # type: ignore[attr-defined]
+    early = [e.state for e in driver.poll(44.0) if isinstance(e, DeviceStatus)]
     assert DeviceState.CUFF_ERROR not in early  # 44 s: still within the configured 45 s (the default was 180 s)
     driver.outgoing(46.0)
-    late = [e for e in driver.poll(46.0) if isinstance(e, DeviceStatus)]  # type: ignore[attr-defined]
+    late = [e for e in driver.poll(46.0) if isinstance(e, DeviceStatus)]
     assert [(e.state, e.conditions) for e in late] == [(DeviceState.CUFF_ERROR, ("timeout",))]

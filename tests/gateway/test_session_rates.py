@@ -22,7 +22,7 @@ def test_sixty_readings_a_second_become_one_a_second_latest_wins() -> None:
     session, out = make(waveform=False)
     for i in range(180):  # three seconds at 60 Hz
         now = 100.0 + i / 60
-        session._handle([Reading({"spo2": 90 + i % 10}), Waveform("pleth", (i,), 60.0)], now)
+        session.handle([Reading({"spo2": 90 + i % 10}), Waveform("pleth", (i,), 60.0)], now)
     readings = [(e, t) for e, t in out if isinstance(e, Reading)]
     assert len(readings) == 3
     times = [t for _, t in readings]
@@ -34,8 +34,8 @@ def test_sixty_readings_a_second_become_one_a_second_latest_wins() -> None:
 def test_waveform_batches_hold_every_sample_once() -> None:
     session, out = make(waveform=True)
     for i in range(150):
-        session._handle([Waveform("pleth", (i,), 75.0)], 10.0 + i / 75)
-    session._release(20.0)
+        session.handle([Waveform("pleth", (i,), 75.0)], 10.0 + i / 75)
+    session.advance(20.0)
     waves = [e for e, _ in out if isinstance(e, Waveform)]
     assert 2 <= len(waves) <= 3
     assert [s for w in waves for s in w.samples] == list(range(150))
