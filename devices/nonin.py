@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from enum import Enum
 from typing import ClassVar
 
@@ -175,26 +176,14 @@ SPEC_DF2 = DeviceSpec(
     stale_after_s=3.0,
     publish_interval_s=1.0,
 )
-SPEC_DF7 = DeviceSpec(
-    model="nonin-df7",
-    kind=DeviceKind.PULSE_OXIMETER,
-    title="Nonin data format 7 (5-byte frames, 16-bit pleth)",
-    serves=SERVES,
-    serial=SerialSettings(baudrate=9600),
-    metrics=("spo2", "pulse_rate"),
-    frame_interval_s=PACKET_INTERVAL_S,
-    stale_after_s=3.0,
-    publish_interval_s=1.0,
-)
-SPEC_DF8 = DeviceSpec(
+SPEC_DF7 = replace(SPEC_DF2, model="nonin-df7", title="Nonin data format 7 (5-byte frames, 16-bit pleth)")
+SPEC_DF8 = replace(
+    SPEC_DF2,
     model="nonin-df8",
-    kind=DeviceKind.PULSE_OXIMETER,
     title="Nonin data format 8 (4 bytes a second, no checksum)",
-    serves=SERVES,
-    serial=SerialSettings(baudrate=9600),
-    metrics=("spo2", "pulse_rate"),
     frame_interval_s=1.0,
     stale_after_s=5.0,
+    publish_interval_s=None,
     self_validating=False,  # no checksum: a random 4-byte pattern can pass the bit-7 and range checks
 )
 
@@ -301,9 +290,11 @@ class _PacketDriver(_NoninDriver):
     """DF2 and DF7: frames, packets and pleth. Unlocked, a packet starts at a frame with SYNC (`reject` looks for
     it); locked (`sync` is None), frames follow each other until one fails."""
 
-    frame_start: ClassVar[re.Pattern[bytes]]  # the header's bit pattern, whole or cut short by the end of input
+    header: ClassVar[re.Pattern[bytes]]  # a frame's first 4 bytes (bit 7 set or clear), or as many as there are
+    frame_start: ClassVar[re.Pattern[bytes]]  # a header or a reply byte: `sync` while no packet is locked
     status_at: ClassVar[int]
     float_at: ClassVar[int] = 3
+    pleth_at: ClassVar[slice]
     no_frame = "no frame with SYNC (header and checksum)"
 
     def reset(self) -> None:
@@ -315,10 +306,11 @@ class _PacketDriver(_NoninDriver):
         self.firmware_revision: int | None = None
 
     def _fit(self, buf: bytes, i: int) -> _Fit:
-        raise NotImplementedError
-
-    def _pleth(self, frame: bytes) -> int:
-        raise NotImplementedError
+        if self.header.match(buf, i) is None:
+            return FIT_HEADER
+        if len(buf) - i < FRAME_LEN:
+            return FIT_SHORT
+        return FIT_OK if frame_checksum(buf[i : i + 4]) == buf[i + 4] else FIT_CHECKSUM
 
     def reject(self, buf: bytes, i: int, skipped: int, now: float) -> ErrorKind | None:
         if buf[i] in REPLIES and self._is_reply(buf[i], now):
@@ -397,44 +389,26 @@ class _PacketDriver(_NoninDriver):
         if stat2 & STAT2_SPA:
             flags.append("smartpoint")
         metrics = _metrics(floats[F_SPO2_D], decode_hr(floats[F_HR_D_MSB], floats[F_HR_D_LSB]))
-        wave = Waveform("pleth", tuple(self._pleth(f) for f in frames), FRAME_RATE_HZ)
+        wave = Waveform("pleth", tuple(int.from_bytes(f[self.pleth_at]) for f in frames), FRAME_RATE_HZ)
         return self._record(flags, status, metrics, b"".join(frames), wave)
 
 
 class NoninDF2Driver(_PacketDriver):
     spec: ClassVar[DeviceSpec] = SPEC_DF2
     data_format = FORMAT_DF2
-    frame_start = re.compile(rb"[\x06\x15]|\x01(?:[\x80-\xff][\x00-\xff][\x00-\x7f]|[\x80-\xff][\x00-\xff]?\Z|\Z)")
+    header = re.compile(rb"\x01(?:[\x80-\xff][\x00-\xff][\x00-\x7f]|(?:[\x80-\xff][\x00-\xff]?)?\Z)")
+    frame_start = re.compile(rb"[\x06\x15]|" + header.pattern)
     status_at = 1
-
-    def _fit(self, buf: bytes, i: int) -> _Fit:
-        n = len(buf) - i
-        if buf[i] != 0x01 or (n > 1 and not buf[i + 1] & 0x80) or (n > 3 and buf[i + 3] & 0x80):
-            return FIT_HEADER
-        if n < FRAME_LEN:
-            return FIT_SHORT
-        return FIT_OK if frame_checksum(buf[i : i + 4]) == buf[i + 4] else FIT_CHECKSUM
-
-    def _pleth(self, frame: bytes) -> int:
-        return frame[2]
+    pleth_at = slice(2, 3)
 
 
 class NoninDF7Driver(_PacketDriver):
     spec: ClassVar[DeviceSpec] = SPEC_DF7
     data_format = FORMAT_DF7
-    frame_start = re.compile(rb"[\x06\x15]|[\x80-\xff](?:[\x00-\xff]{2}[\x00-\x7f]|[\x00-\xff]{0,2}\Z)")
+    header = re.compile(rb"[\x80-\xff](?:[\x00-\xff]{2}[\x00-\x7f]|[\x00-\xff]{0,2}\Z)")
+    frame_start = re.compile(rb"[\x06\x15]|" + header.pattern)
     status_at = 0
-
-    def _fit(self, buf: bytes, i: int) -> _Fit:
-        n = len(buf) - i
-        if not buf[i] & 0x80 or (n > 3 and buf[i + 3] & 0x80):
-            return FIT_HEADER
-        if n < FRAME_LEN:
-            return FIT_SHORT
-        return FIT_OK if frame_checksum(buf[i : i + 4]) == buf[i + 4] else FIT_CHECKSUM
-
-    def _pleth(self, frame: bytes) -> int:
-        return (frame[1] << 8) | frame[2]
+    pleth_at = slice(1, 3)
 
 
 def _follows(prev: bytes, rec: bytes) -> bool:
