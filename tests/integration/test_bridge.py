@@ -20,9 +20,10 @@ import itertools
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
@@ -227,22 +228,6 @@ class Client:
         self.paho.loop_stop()
 
 
-@pytest.fixture
-def clients() -> Iterator[Callable[..., Client]]:
-    made: list[Client] = []
-
-    def make(*args: object, **kwargs: object) -> Client:
-        client = Client(*args, **kwargs)  # type: ignore[arg-type]
-        made.append(client)
-        return client
-
-    try:
-        yield make
-    finally:
-        for client in made:
-            client.close()
-
-
 def reading(room: str, seq: int) -> tuple[str, bytes]:
     """A reading as the gateway publishes it (topic, id `room/device/seq`); no patient data, as everywhere."""
     body = {
@@ -273,9 +258,7 @@ def missing(expected: dict[str, bytes], observer: Client) -> str:
 # --- the test ------------------------------------------------------------------------------------------------------
 
 
-async def test_readings_published_during_a_bridge_outage_all_arrive_at_the_group_broker(
-    tmp_path: Path, clients: Callable[..., Client]
-) -> None:
+async def test_readings_published_during_a_bridge_outage_all_arrive_at_the_group_broker(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     passwords = {GATEWAY: "gw-secret-1", BRIDGE: "bridge-secret-1", OBSERVER: "reader-secret-1"}
     tls_port = find_free_port()
@@ -283,6 +266,12 @@ async def test_readings_published_during_a_bridge_outage_all_arrive_at_the_group
     site = Mosquitto(
         tmp_path / "site", config=site_config(tmp_path / "site", pki, tls_port, passwords[BRIDGE], passwords)
     )
+    made: list[Client] = []
+
+    def clients(*args: Any, **kwargs: Any) -> Client:
+        made.append(client := Client(*args, **kwargs))
+        return client
+
     try:
         start(group)
         observer = await clients(
@@ -340,5 +329,7 @@ async def test_readings_published_during_a_bridge_outage_all_arrive_at_the_group
         site.kill()
         await until(lambda: fresh.state() == b"0", "the group broker did not learn that the site's link was lost")
     finally:
+        for client in made:
+            client.close()
         site.stop()
         group.stop()
