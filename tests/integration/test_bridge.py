@@ -15,11 +15,9 @@ site broker is restarted as well; afterwards every reading is counted at the gro
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from devtools.localservices import Mosquitto, ServiceUnavailable, find_binary, find_free_port
+from tests.helpers import wait_for
 
 REPO = Path(__file__).parent.parent.parent
 SHIPPED = REPO / "deploy" / "mosquitto" / "bridge.conf.example"
@@ -158,12 +157,11 @@ def start(broker: Mosquitto) -> Mosquitto:
 
 
 async def until(predicate: Callable[[], bool], reason: str | Callable[[], str], timeout: float = WAIT_S) -> None:
-    """Poll; after `timeout` fail with `reason` (a callable is asked at that moment, to say how far it got)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"within {timeout:g} s: {reason() if callable(reason) else reason}")
-        await asyncio.sleep(0.02)
+    """wait_for, failing with `reason` (a callable is asked at that moment, to say how far it got)."""
+    try:
+        await wait_for(predicate, timeout)
+    except AssertionError:
+        raise AssertionError(f"within {timeout:g} s: {reason() if callable(reason) else reason}") from None
 
 
 @dataclass(frozen=True)
