@@ -127,7 +127,7 @@ class ContecDriver(FramedDriver):
             return 1, ProtocolError(ErrorKind.RESYNC, "bit-7 pattern broken inside a packet", wire[:1])
         self._last_packet = now
         data = restore(wire)
-        flags = tuple(flag for at, bit, flag in FLAGS if data[at] & bit) if data[2] & 0xB0 or data[3] & 0x80 else ()
+        flags = tuple(flag for at, bit, flag in FLAGS if data[at] & bit)
         metrics: dict[str, float] = {}
         if not data[2] & 0x80:  # with the finger out, nothing the device shows is the patient's
             pulse, spo2, pi_raw = data[5], data[6], data[7] | data[8] << 8
