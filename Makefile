@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 
 # Debian's mosquitto and influxd (the tests start their own on free ports), docker-compose (to validate the
 # compose file without an engine), strace (to prove the secrets script puts no password on a command line), npm
-# (to type-check the dashboards against Grafana's schema) and systemd (systemd-analyze scores the unit's hardening
-# offline; nothing is started), installed when missing.
+# (to type-check the dashboards against Grafana's schema), systemd (systemd-analyze scores the unit's hardening
+# offline; nothing is started) and openssl (the secrets script's CA and certificates, the TLS and bridge tests),
+# installed when missing.
 services:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
@@ -25,6 +26,7 @@ services:
 	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
 	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
@@ -57,7 +59,8 @@ test: $(STAMP) services lint typecheck check-dashboards
 demo: $(STAMP) services
 	$(BIN)/infusion-telemetry demo
 
-# Figures, not tests: about 8 minutes on the 2-core reference machine (docs/benchmarks.md).
+# Figures, not tests: about 40 minutes on the 2-core reference machine, the side-by-side table with the Node-RED
+# peer first (docs/benchmarks.md).
 bench: $(STAMP) services
 	$(BIN)/python -m benchmarks
 
