@@ -354,7 +354,7 @@ class FramedDriver(ABC):
         if self._buf:
             self._buf += data
             if len(self._buf) < self._need and (self._until is None or self._until not in data):
-                return self.poll(now) if self._announced else []  # what the decode waits for has not come
+                return []  # what the decode waits for has not come (time-made events wait for `poll` or more)
             buf = bytes(self._buf)
             self._buf.clear()
         else:
@@ -431,8 +431,8 @@ class FramedDriver(ABC):
         return len(data), None
 
     def announce(self, event: Event) -> None:
-        """An event that time made, not bytes (a measurement started, one timed out): out with the next feed or poll.
-        Statuses are reported only on change, as decoded ones are."""
+        """An event that time made, not bytes (a measurement started, one timed out): out with the next `poll`, or
+        first in the next feed that decodes. Statuses are reported only on change, as decoded ones are."""
         if isinstance(event, DeviceStatus):
             self._status(event, self._announced)
         else:
