@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import sqlite3
 import sys
@@ -81,6 +82,32 @@ def tune_runtime() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD_0, 10, 10)
+
+
+FDS_BESIDE_PORTS = 256  # sockets, the outbox's files, the renderer's pipes, logs: beside a descriptor per port
+
+
+def raise_open_files_limit(ports: int) -> int:
+    """Raise the soft limit on open descriptors to the hard one (the systemd unit sets both with LimitNOFILE; a shell
+    often starts at 1,024): a site gateway holds one per port and more. Says so loudly when even the hard limit
+    leaves too few for the configured ports. Returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open files limit from %d to %d: %s", soft, want, exc)
+    need = ports + FDS_BESIDE_PORTS
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.error(
+            "open files limit %d is below the %d that %d ports need: raise LimitNOFILE (systemd) or ulimit -n",
+            soft,
+            need,
+            ports,
+        )
+    return soft
 
 
 HEX_TOKEN = re.compile(r"(?:0x)?([0-9a-fA-F]{2})")
@@ -157,6 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.app import Gateway
 
     tune_runtime()
+    raise_open_files_limit(len(cfg.devices))
 
     async def main() -> None:
         stop = asyncio.Event()
