@@ -515,13 +515,14 @@ def measure(
     warmup_s: float,
     workdir: Path,
     progress: Callable[[str], None] = print,
+    gateway_only: bool = False,
 ) -> dict[str, Any]:
     """Every configuration, alternating sides; returns the runs, the aggregates and the printed table."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = 3 * max([*sizes, site]) + 256  # the feeder holds 2 fds a device, the gateway 1
     if soft < need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard) if hard != resource.RLIM_INFINITY else need, hard))
-    no_peer = peer_available()
+    no_peer = "not run (--gateway-only)" if gateway_only else peer_available()
     if no_peer is None:
         install_peer()
     sides = (PEER, GATEWAY) if no_peer is None else (GATEWAY,)
@@ -584,9 +585,12 @@ def main() -> None:
     )
     parser.add_argument("--site", type=int, default=1000, help="N of the gateway-only site run (0: none)")
     parser.add_argument("--keep", action="store_true", help="keep the run folders (logs) under the temp dir")
+    parser.add_argument(
+        "--gateway-only", action="store_true", help="the gateway's runs alone (while working on it: no ratio)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
-    result = run_cli(args.quick, args.window, args.reps, args.sizes, args.site, args.keep)
+    result = run_cli(args.quick, args.window, args.reps, args.sizes, args.site, args.keep, args.gateway_only)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"sidebyside-{result['started'].replace(':', '')}.json"
     path.write_text(json.dumps(result, indent=2))
@@ -594,7 +598,13 @@ def main() -> None:
 
 
 def run_cli(
-    quick: bool, window: float | None, reps: int, sizes: list[int], site: int, keep: bool = False
+    quick: bool,
+    window: float | None,
+    reps: int,
+    sizes: list[int],
+    site: int,
+    keep: bool = False,
+    gateway_only: bool = False,
 ) -> dict[str, Any]:
     """Measure, print the table and return the result (also used by `python -m benchmarks`)."""
     window_s = window if window is not None else 10 if quick else 60
@@ -608,7 +618,7 @@ def run_cli(
         flush=True,
     )
     try:
-        result = measure(sizes, site, reps, window_s, warmup_s, workdir, lambda s: print(s, flush=True))
+        result = measure(sizes, site, reps, window_s, warmup_s, workdir, lambda s: print(s, flush=True), gateway_only)
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)

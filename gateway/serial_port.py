@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -68,9 +69,29 @@ class _Tty:
         self._waiter: asyncio.Future[bytes] | None = None
         self._chunks: list[bytes] = []
         self._buffered = 0
-        self._error: TransportError | None = None
+        self._error: BaseException | None = None
         self._watching = False
+        self._on_data: Callable[[bytes], None] | None = None
+        self.lost: asyncio.Future[None] = self._loop.create_future()
         self._watch()
+
+    def deliver_to(self, on_data: Callable[[bytes], None]) -> None:
+        """From now on each chunk goes to `on_data`, called from the loop's readiness callback: no task wakes up
+        per chunk. What it raises ends the port (`lost`), so a bug is not a line in asyncio's log."""
+        self._on_data = on_data
+        if self._chunks:
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self._buffered = 0
+            self._hand(on_data, data)
+        if self._error is None:
+            self._watch()
+
+    def _hand(self, on_data: Callable[[bytes], None], data: bytes) -> None:
+        try:
+            on_data(data)
+        except BaseException as exc:  # raised where the session awaits its port (Session.run), not swallowed here
+            self._fail(exc)
 
     def _watch(self) -> None:
         if not self._watching:
@@ -93,6 +114,10 @@ class _Tty:
         if not data:
             self._fail(TransportError(f"{self.url} closed by the other end"))
             return
+        on_data = self._on_data
+        if on_data is not None:
+            self._hand(on_data, data)
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             self._waiter = None
@@ -103,19 +128,23 @@ class _Tty:
         if self._buffered >= PAUSE_AT:
             self._unwatch()  # nobody reads: stop taking more until read() comes back for it
 
-    def _fail(self, error: TransportError) -> None:
+    def _fail(self, error: BaseException) -> None:
         self._unwatch()
-        self._error = error
+        if self._error is None:
+            self._error = error
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
+        if not self.lost.done():
+            self.lost.set_exception(error)
+            self.lost.exception()  # retrieved: whoever awaits it sees it; nobody may, after a clean close
 
     async def read(self) -> bytes:
         if self._chunks:
             data = b"".join(self._chunks)
             self._chunks.clear()
             self._buffered = 0
-            if self._error is None:
+            if self._error is None and self._on_data is None:
                 self._watch()
             return data
         if self._error is not None:
@@ -170,6 +199,8 @@ class SerialPort:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._threaded: serial.SerialBase | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._lost: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> Self:
         try:
@@ -194,6 +225,10 @@ class SerialPort:
         await self.close()
 
     async def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
+            self._pump = None
         if self._tty is not None:
             self._tty.close()
             self._tty = None
@@ -206,6 +241,34 @@ class SerialPort:
             port, self._threaded = self._threaded, None
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(port.close)
+
+    def deliver_to(self, on_data: Callable[[bytes], None]) -> None:
+        """Push mode: every chunk read from now on is handed to `on_data` (a local tty calls it from the event loop's
+        readiness callback; other ports from a reading task of their own). `lost` then says when it ends."""
+        if self._tty is not None:
+            self._tty.deliver_to(on_data)
+            return
+        lost = self._lost = asyncio.get_running_loop().create_future()
+
+        async def pump() -> None:
+            try:
+                while True:
+                    on_data(await self.read())
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                if not lost.done():
+                    lost.set_exception(exc)
+                    lost.exception()  # retrieved: wait_lost raises it; nobody may, after a clean close
+
+        self._pump = asyncio.create_task(pump(), name=f"read-{self.url}")
+
+    @property
+    def lost(self) -> asyncio.Future[None]:
+        """Done when the port is lost (its exception: TransportError, or what `on_data` raised); after deliver_to."""
+        lost = self._tty.lost if self._tty is not None else self._lost
+        assert lost is not None, "deliver_to() first"
+        return lost
 
     async def read(self) -> bytes:
         if self._tty is not None:

@@ -36,6 +36,7 @@ from gateway.errors import GatewayError
 from gateway.serial_port import SerialPort, TransportError
 
 log = logging.getLogger(__name__)
+HELD_WAIT_S = 0.2  # the chores' longest sleep while something waits for its slot or commands are due
 
 # The session's one output: (device session, event, receive time) -> None; the app stamps and commits it.
 EmitEvent = Callable[["DeviceSession", Reading | DeviceStatus | Waveform, float], None]
@@ -73,6 +74,9 @@ class DeviceSession:
         self._next_measurement: float | None = None
         self._port: SerialPort | None = None
         self._device_status: DeviceStatus | None = None  # the driver's latest, to restore after no_data
+        self._stale = False  # silent longer than stale_after_s (no_data said)
+        self._wake: asyncio.Future[None] | None = None  # the chores' sleep, cut short when a reading is held
+        self._sleep_until = 0.0
         # Drivers that never send (output-only devices) need no polling for outgoing commands.
         self._polling = self.driver if isinstance(self.driver, Polling) else None
 
@@ -109,9 +113,13 @@ class DeviceSession:
                 await asyncio.sleep(backoff.next())
 
     async def _pump(self, port: SerialPort) -> None:
-        stale = False
+        """Bytes are pushed to `data_received` as they come (from the event loop's readiness callback for a local
+        tty: no task wakes up per chunk); this loop does the chores that time brings (commands to send, a scheduled
+        measurement, what waits for its slot, silence) and returns only by the port's loss (TransportError)."""
+        self._stale = False
         next_send = 0.0
         self.last_data_at = self.clock()  # silence is counted from the moment the port opened
+        port.deliver_to(self.data_received)
         while True:
             now = self.clock()
             if self._next_measurement is not None and now >= self._next_measurement:
@@ -123,33 +131,44 @@ class DeviceSession:
                 next_send = now + 0.2
                 self.handle(self._polling.poll(now), now)
             self.advance(now)
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races a read.
-                async with asyncio.timeout(self._wait_s(now, stale)):
-                    data = await port.read()
-            except TimeoutError:
-                if not stale and self.clock() - (self.last_data_at or 0.0) >= self.spec.stale_after_s:
-                    stale = True
-                    silent = self.spec.stale_after_s
-                    self._status(DeviceStatus(DeviceState.NO_DATA, detail=f"silent for {silent:g} s"))
-                continue
-            now = self.clock()
-            events = self.driver.feed(data, now)
-            if any(not isinstance(e, ProtocolError) for e in events):
-                # Only decoded records count as data: a line spewing garbage is as good as silent.
+            if not self._stale and now - (self.last_data_at or 0.0) >= self.spec.stale_after_s:
+                self._stale = True
+                silent = self.spec.stale_after_s
+                self._status(DeviceStatus(DeviceState.NO_DATA, detail=f"silent for {silent:g} s"))
+            wait = self._wait_s(now, self._stale)
+            self._sleep_until = now + wait
+            wake = self._wake = asyncio.get_running_loop().create_future()
+            await asyncio.wait([port.lost, wake], timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            self._wake = None
+            if port.lost.done():
+                port.lost.result()  # TransportError (or what decoding raised)
+
+    def data_received(self, data: bytes) -> None:
+        """A chunk from the port: decode it and hand on what it held. Only decoded records count as data: a line
+        spewing garbage is as good as silent."""
+        now = self.clock()
+        events = self.driver.feed(data, now)
+        for event in events:
+            if not isinstance(event, ProtocolError):
                 self.last_data_at = now
-                if stale and self._device_status is not None:
+                if self._stale and self._device_status is not None:
                     self._status(self._device_status)  # back from no_data: the device's own state again
-                stale = False
-            self.handle(events, now)
+                self._stale = False
+                break
+        self.handle(events, now)
+        # Something now waits for its slot: the chores must not sleep on until the device would be stale.
+        waiting = self._held is not None or bool(self._wave)
+        wake = self._wake
+        if waiting and self._sleep_until > now + HELD_WAIT_S and wake is not None and not wake.done():
+            wake.set_result(None)
 
     def _wait_s(self, now: float, stale: bool) -> float:
-        """How long a read may wait: until the device would be stale, or 0.2 s when something is due sooner
+        """How long the chores may sleep: until the device would be stale, or 0.2 s when something is due sooner
         (commands to send, a held reading or waveform, a measurement). An output-only device that talks once a
         second is not woken in between: at 200 devices that is most of the gateway's CPU."""
         wait = 1.0 if stale else (self.last_data_at or now) + self.spec.stale_after_s - now
         if self._polling is not None or self._held is not None or self._wave:
-            wait = min(wait, 0.2)
+            wait = min(wait, HELD_WAIT_S)
         if self._next_measurement is not None:
             wait = min(wait, self._next_measurement - now)
         return max(0.05, wait)

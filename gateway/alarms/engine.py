@@ -104,6 +104,9 @@ class AlarmEngine:
         self._unusable = frozenset(profile.quality.unusable)
         self._rules = {r.id: r for r in profile.rules}
         self._alarms: dict[str, _Alarm] = {}
+        # The same alarms by room/device: what a reading or status of one device touches, without a scan of all.
+        self._by_device: dict[str, dict[str, _Alarm]] = {}
+        self._applicable: dict[str, tuple[ThresholdRule, ...]] = {}  # room/device -> the rules that apply to it
         self._sessions: dict[str, _Session] = {}
         self._nibp_every = dict(nibp_schedules or {})
         self._nibp_last: dict[str, float] = {}
@@ -119,17 +122,19 @@ class AlarmEngine:
     ) -> list[EngineEvent]:
         out: list[EngineEvent] = []
         key = f"{room}/{device}"
-        is_bp = any(m in metrics for m in BP_METRICS)
+        is_bp = BP_METRICS[0] in metrics or BP_METRICS[1] in metrics or BP_METRICS[2] in metrics
         if is_bp:
             self._nibp_last[key] = now
         if room in self._standby:
             return out  # nobody is monitored here: the reading is stored, nothing is judged
-        out += self._technical(room, device, "no_data", False, now)
-        out += self._technical(room, device, "device_disconnected", False, now)
-        if is_bp:
-            out += self._technical(room, device, "nibp_overdue", False, now)
-            out += self._technical(room, device, "cuff_error", False, now)
-        unusable = sorted(self._unusable.intersection(flags))
+        # A device without a single alarm (the usual case) has no technical alarm to clear: those calls are skipped.
+        if self._by_device.get(key):
+            out += self._technical(room, device, "no_data", False, now)
+            out += self._technical(room, device, "device_disconnected", False, now)
+            if is_bp:
+                out += self._technical(room, device, "nibp_overdue", False, now)
+                out += self._technical(room, device, "cuff_error", False, now)
+        unusable = sorted(self._unusable.intersection(flags)) if flags else None
         if unusable:
             # The sensor alarm already names a sensor state the device reported; this one covers flagged values.
             state = self._states.get(key, (DeviceState.OK, None))[0]
@@ -137,21 +142,27 @@ class AlarmEngine:
             cond = state not in SENSOR_STATES
             out += self._technical(room, device, "signal_quality", cond, now, message=message)
             return out  # unusable values are never judged; the device goes indeterminate when they stay so
-        out += self._technical(room, device, "signal_quality", False, now)
-        out += self._technical(room, device, "sensor", False, now)
+        if self._by_device.get(key):
+            out += self._technical(room, device, "signal_quality", False, now)
+            out += self._technical(room, device, "sensor", False, now)
         if is_bp:
             out += self._maybe_baseline(room, metrics, now)
-        if CONTINUOUS_METRICS.intersection(metrics):
+        if not CONTINUOUS_METRICS.isdisjoint(metrics):
             self._fresh_until[key] = now + self._stale_after.get(key, DEFAULT_STALE_AFTER_S)
             out += self._resume(key, now)
-        quality = tuple(f for f in flags if f in QUALITY_FLAGS)
-        for rule in self.profile.rules:
-            if rule.metric not in metrics or not rule.applies(room, device):
+        quality = tuple(f for f in flags if f in QUALITY_FLAGS) if flags else ()
+        rules = self._applicable.get(key)
+        if rules is None:
+            rules = self._applicable[key] = tuple(r for r in self.profile.rules if r.applies(room, device))
+        for rule in rules:
+            if rule.metric not in metrics:
                 continue
             value = metrics[rule.metric]
             limit, violated, clear = self._judge(rule, room, value)
             if limit is None:
                 continue  # a baseline rule before the session has a baseline
+            if not violated and f"{key}/{rule.id}" not in self._alarms:
+                continue  # nothing raised or pending: nothing to hold or clear
             alarm = self._alarm(room, device, rule.id, "physiological", rule, limit)
             alarm.value = value
             alarm.quality = quality
@@ -179,8 +190,8 @@ class AlarmEngine:
             out += self._technical(room, device, "signal_quality", False, now)  # the sensor alarm says it
         if state == DeviceState.CUFF_ERROR:
             out += self._technical(room, device, "cuff_error", True, now, value=code, message=f"cuff error {code}")
-        for alarm in list(self._alarms.values()):  # judged at once, not at the next tick
-            if alarm.room == room and alarm.device == device and alarm.kind == "physiological":
+        for alarm in list(self._by_device.get(key, {}).values()):  # judged at once, not at the next tick
+            if alarm.kind == "physiological" and alarm.alarm_id in self._alarms:
                 out += self._advance(alarm, now)
         return out
 
@@ -214,6 +225,8 @@ class AlarmEngine:
             if room not in self._standby:
                 out += self._technical(room, device, "nibp_overdue", now - last > every * 1.5 + 60, now)
         for alarm in list(self._alarms.values()):
+            if not alarm.active and not alarm.condition:
+                continue  # neither raised nor pending: time changes nothing
             if alarm.alarm_id in self._alarms:  # a tier's raise may have cleared others in this pass
                 out += self._advance(alarm, now)
         return out
@@ -269,7 +282,7 @@ class AlarmEngine:
             if alarm.room == room:
                 if alarm.shown:
                     out.append(self._event(alarm, "suspended", now, role=role))
-                del self._alarms[alarm.alarm_id]
+                self._remove(alarm.alarm_id)
         return out
 
     def end_standby(self, room: str, role: str | None, now: float) -> list[EngineEvent]:
@@ -317,7 +330,7 @@ class AlarmEngine:
                     alarm.message = f"{alarm.message} (device no longer configured)"
                     out.append(self._event(alarm, "cleared", now))
                 continue
-            self._alarms[alarm.alarm_id] = alarm
+            self._add(alarm)
             if alarm.kind == "physiological" and alarm.metric in CONTINUOUS_METRICS:
                 alarm.pending_since = alarm.clear_since = None
                 alarm.condition = False
@@ -347,11 +360,25 @@ class AlarmEngine:
 
     def _resume(self, key: str, now: float) -> list[AlarmEvent]:
         out: list[AlarmEvent] = []
-        for alarm in self._alarms.values():
-            if alarm.indeterminate and f"{alarm.room}/{alarm.device}" == key:
+        for alarm in self._by_device.get(key, {}).values():
+            if alarm.indeterminate:
                 alarm.indeterminate = False
                 out.append(self._event(alarm, "resumed", now))
         return out
+
+    def _add(self, alarm: _Alarm) -> None:
+        self._alarms[alarm.alarm_id] = alarm
+        self._by_device.setdefault(f"{alarm.room}/{alarm.device}", {})[alarm.alarm_id] = alarm
+
+    def _remove(self, alarm_id: str) -> None:
+        alarm = self._alarms.pop(alarm_id, None)
+        if alarm is not None:
+            key = f"{alarm.room}/{alarm.device}"
+            device = self._by_device.get(key)
+            if device is not None:
+                device.pop(alarm_id, None)
+                if not device:
+                    del self._by_device[key]
 
     def _find(self, room: str, alarm_id: str) -> _Alarm:
         alarm = self._alarms.get(alarm_id)
@@ -422,7 +449,7 @@ class AlarmEngine:
                     None,
                     message or rule_id,
                 )
-            self._alarms[alarm_id] = alarm
+            self._add(alarm)
         if limit is not None:
             alarm.limit = limit
         return alarm
@@ -523,12 +550,12 @@ class AlarmEngine:
         return [self._event(base, "escalated", now)]
 
     def _clear(self, alarm: _Alarm, now: float) -> list[AlarmEvent]:
-        del self._alarms[alarm.alarm_id]  # a new violation starts a new alarm, with its own delay
+        self._remove(alarm.alarm_id)  # a new violation starts a new alarm, with its own delay
         if alarm.tier_of is not None:
             return []  # a tier ends silently: the base alarm keeps its priority until it clears
         for rule in self.profile.rules:
             if rule.tier_of == alarm.rule:  # its tiers start afresh with the next alarm
-                self._alarms.pop(f"{alarm.room}/{alarm.device}/{rule.id}", None)
+                self._remove(f"{alarm.room}/{alarm.device}/{rule.id}")
         return [self._event(alarm, "cleared", now)]
 
     @staticmethod

@@ -1,8 +1,9 @@
-"""The InfluxDB adapter: the only module that imports influxdb_client (and aiohttp, which it brings).
+"""The InfluxDB adapter: the HTTP writes to InfluxDB (aiohttp).
 
-Two write paths, chosen in config: the v2 API (InfluxDB 2.x/3.x, token; through influxdb-client's async client)
-and the 1.x `/write` API (plain HTTP). Both send the same line protocol, rendered here from the typed record
-(`to_line`), without influxdb-client's Point (a fifth of the gateway's CPU at 200 devices went to it).
+Two write paths, chosen in config: the v2 API (InfluxDB 2.x/3.x, token: `POST /api/v2/write`) and the 1.x `/write`
+API, both plain HTTP through aiohttp. Both send the same line protocol, rendered here from the typed record
+(`to_line`), without influxdb-client's Point (a fifth of the gateway's CPU at 200 devices went to it). influxdb-client
+itself is not imported: its import alone was 16 MiB of the gateway's resident memory, for one POST it made.
 
 Points are idempotent: a series (measurement + tags) and the gateway's receive time identify a point, so a replay
 after a lost acknowledgement overwrites instead of duplicating. Metric fields are always floats, so a value that
@@ -21,8 +22,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Self
 
 import aiohttp
-from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
-from influxdb_client.rest import ApiException
 
 from gateway.config import InfluxSection, redact, resolve_secret
 from gateway.envelope import (
@@ -187,7 +186,7 @@ class InfluxSink:
     def __init__(self, cfg: InfluxSection) -> None:
         self.cfg = cfg
         self.where = redact(cfg.url)  # for messages and logs: never the URL's user:password
-        self._v2: InfluxDBClientAsync | None = None
+        self._v2 = False  # the v2 API (token) rather than 1.x
         self._http: aiohttp.ClientSession | None = None
         self._probe: aiohttp.ClientSession | None = None
         self._answered = 0.0  # monotonic time the server last answered (a ping or a write)
@@ -195,28 +194,23 @@ class InfluxSink:
 
     async def __aenter__(self) -> Self:
         cfg = self.cfg
+        auth = None
+        headers: dict[str, str] = {}
         if cfg.api == "v2":
             token = resolve_secret(cfg.token, "influx.token")
             assert token is not None
-            self._v2 = InfluxDBClientAsync(
-                url=cfg.url,
-                token=token.get_secret_value(),
-                org=cfg.org or "",
-                timeout=int(cfg.timeout_s * 1000),
-                ssl_ca_cert=str(cfg.ca_file) if cfg.ca_file else None,
-            )
-        else:
-            auth = None
-            if cfg.username:
-                password = resolve_secret(cfg.password, "influx.password")
-                auth = aiohttp.BasicAuth(cfg.username, password.get_secret_value() if password else "")
-            ssl_ctx = ssl.create_default_context(cafile=str(cfg.ca_file)) if cfg.ca_file else None
-            self._http = aiohttp.ClientSession(
-                auth=auth,
-                timeout=aiohttp.ClientTimeout(total=cfg.timeout_s),
-                connector=aiohttp.TCPConnector(ssl=ssl_ctx) if ssl_ctx else None,
-            )
+            self._v2 = True
+            headers["Authorization"] = f"Token {token.get_secret_value()}"
+        elif cfg.username:
+            password = resolve_secret(cfg.password, "influx.password")
+            auth = aiohttp.BasicAuth(cfg.username, password.get_secret_value() if password else "")
         ssl_ctx = ssl.create_default_context(cafile=str(cfg.ca_file)) if cfg.ca_file else None
+        self._http = aiohttp.ClientSession(
+            auth=auth,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=cfg.timeout_s),
+            connector=aiohttp.TCPConnector(ssl=ssl_ctx) if ssl_ctx else None,
+        )
         self._probe = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=min(cfg.timeout_s, PING_TIMEOUT_S)),
             connector=aiohttp.TCPConnector(ssl=ssl_ctx) if ssl_ctx else None,
@@ -254,9 +248,6 @@ class InfluxSink:
         if self._probe is not None:
             await self._probe.close()
             self._probe = None
-        if self._v2 is not None:
-            await self._v2.close()
-            self._v2 = None
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -275,7 +266,7 @@ class InfluxSink:
         if not points:
             return ACCEPTED
         try:
-            result = await (self._write_v2(body) if self._v2 is not None else self._write_v1(body))
+            result = await (self._write_v2(body) if self._v2 else self._write_v1(body))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SinkUnavailable(redact(f"InfluxDB {self.where} unreachable: {exc!r}")) from exc
         self._answered = time.monotonic()
@@ -294,11 +285,16 @@ class InfluxSink:
             return _classify(resp.status, await resp.text())
 
     async def _write_v2(self, body: str) -> WriteResult:
-        assert self._v2 is not None
+        """`POST /api/v2/write` (InfluxDB 2.x and 3.x): org, bucket and precision in the query, the token in the
+        session's Authorization header; 204 is success, a JSON error body otherwise."""
+        assert self._http is not None
+        params = {"org": self.cfg.org or "", "bucket": self.cfg.bucket or "", "precision": "ns"}
+        headers = {"Content-Type": "text/plain; charset=utf-8"}
+        url = f"{self.cfg.url}/api/v2/write"
         try:
-            await self._v2.write_api().write(bucket=self.cfg.bucket or "", org=self.cfg.org or "", record=body)
-        except ApiException as exc:
-            return _classify(int(exc.status or 0), str(exc.body or exc.reason))
+            async with self._http.post(url, params=params, data=body.encode(), headers=headers) as resp:
+                if resp.status == 204:
+                    return ACCEPTED
+                return _classify(resp.status, await resp.text())
         except TimeoutError as exc:
             raise SinkUnavailable(f"InfluxDB {self.where} timed out") from exc
-        return ACCEPTED

@@ -5,6 +5,11 @@ acknowledged to the outbox only when the broker has it. Redeliveries carry the s
 
 A record's payload is its body as the outbox stored it, published as it is; only a record sent after the live window
 (marked `historical`) or before it was committed (marked `durable: false`) is encoded again, with that mark.
+
+The records' path (`write`) publishes through the paho client under aiomqtt directly (`LivePublisher`): one future per
+batch for its PUBACKs instead of a task, an event and a timeout per message, and the packets written at the end of
+the loop's pass instead of after a wake-up through the loop's self-pipe and an add_writer/remove_writer pair per
+message. Everything else (the will, retained topics put back, the gateway status, commands) goes through aiomqtt.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import json
 import logging
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -44,6 +50,7 @@ if TYPE_CHECKING:
     from gateway.outbox import Item
 
 log = logging.getLogger(__name__)
+PUBACK_TIMEOUT_S = 10.0  # as aiomqtt's own publish: a batch not acknowledged by then means a lost link
 CommandHandler = Callable[[str, bytes], bytes | None]  # (topic, payload) -> reply payload (None: no reply)
 # aiomqtt warns on every publish beyond 10 in flight, which a backlog batch always is: keep its errors only.
 _client_log = logging.getLogger("gateway.sinks.mqtt.client")
@@ -120,6 +127,95 @@ class RetainedState:
         self.payloads = {str(t): str(p).encode() for t, p in snapshot.get("payloads", {}).items()}
 
 
+class _Batch:
+    """The PUBACKs one batch still waits for."""
+
+    __slots__ = ("done", "waiting")
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+        self.waiting = 0
+
+
+class LivePublisher:
+    """QoS 1 publishing of record batches on the paho client that aiomqtt wraps (see the module docstring). Installed
+    on the client before it connects: its write callbacks replace aiomqtt's for every packet the client sends, and its
+    PUBACK callback passes on the acknowledgements it does not wait for (aiomqtt's own publishes)."""
+
+    def __init__(self, client: aiomqtt.Client, on_error: Callable[[str], None]) -> None:
+        self._paho = client._client  # aiomqtt's paho client (aiomqtt 2.x): the one connection, not a second one
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        self._on_error = on_error
+        self._flush_due = False
+        self._writer: int | None = None  # the fd watched for writability while the socket's buffer is full
+        self._acks: dict[int, _Batch] = {}  # mid -> the batch waiting for its PUBACK
+        self._passed_on: Callable[..., None] | None = self._paho.on_publish
+        self._paho.on_publish = self._published
+        self._paho.on_socket_register_write = self._register_write
+        self._paho.on_socket_unregister_write = self._unregister_write
+
+    def _register_write(self, _client: Any, _userdata: Any, _sock: Any) -> None:
+        """paho has packets to send: write them at the end of this pass of the loop (a batch in one go)."""
+        if self._flush_due:
+            return
+        self._flush_due = True
+        if threading.get_ident() == self._thread:
+            self._loop.call_soon(self._flush)
+        else:  # aiomqtt connects from a worker thread
+            self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        try:
+            self._paho.loop_write()
+        except Exception as exc:  # as aiomqtt's own callback: a broken socket is a lost link
+            self._on_error(f"MQTT write failed: {exc!r}")
+            return
+        sock = self._paho.socket()
+        if self._paho.want_write() and self._writer is None and sock is not None:
+            self._writer = sock.fileno()  # the socket's buffer is full: wait until it can take more
+            self._loop.add_writer(self._writer, self._flush)
+
+    def _unregister_write(self, _client: Any, _userdata: Any, _sock: Any) -> None:
+        if self._writer is not None:
+            self._loop.remove_writer(self._writer)
+            self._writer = None
+
+    def _published(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        batch = self._acks.pop(mid, None)
+        if batch is None:
+            if self._passed_on is not None:
+                self._passed_on(client, userdata, mid, reason, properties)
+            return
+        batch.waiting -= 1
+        if batch.waiting == 0 and not batch.done.done():
+            batch.done.set_result(None)
+
+    async def publish(self, messages: Sequence[tuple[str, bytes, bool]]) -> None:
+        """Publish every message at QoS 1 and return once the broker has acknowledged them all. SinkUnavailable
+        when the client cannot take them or the acknowledgements do not come within PUBACK_TIMEOUT_S."""
+        batch = _Batch(self._loop.create_future())
+        mids: list[int] = []
+        try:
+            for topic, payload, retain in messages:
+                info = self._paho.publish(topic, payload, 1, retain)
+                if info.rc != 0:  # MQTT_ERR_SUCCESS
+                    raise SinkUnavailable(f"MQTT publish failed: paho error {info.rc}")
+                mids.append(info.mid)
+                self._acks[info.mid] = batch
+                batch.waiting += 1
+            if batch.waiting:
+                async with asyncio.timeout(PUBACK_TIMEOUT_S):
+                    await batch.done
+        except TimeoutError:
+            raise SinkUnavailable(f"MQTT: {batch.waiting} PUBACK(s) not received in {PUBACK_TIMEOUT_S:g} s") from None
+        finally:
+            if batch.waiting:
+                for mid in mids:
+                    self._acks.pop(mid, None)
+
+
 class MqttSink:
     """Publishes outbox records and the retained gateway status (with a last will saying "offline")."""
 
@@ -148,6 +244,7 @@ class MqttSink:
         self.gateway_status: GatewayStatusMessage | None = None  # the latest, from the gateway's status loop
         self.published = 0
         self._lost: asyncio.Future[str] | None = None
+        self._live: LivePublisher | None = None
 
     def _gateway_body(self, offline: bool = False) -> bytes:
         """The retained gateway status as of now: the latest the gateway gave (online before its first)."""
@@ -163,6 +260,7 @@ class MqttSink:
     async def __aenter__(self) -> Self:
         will = aiomqtt.Will(self.status_topic, self._offline(), qos=1, retain=True)
         client = make_client(self.cfg, f"infusion-gw-{self.site}-{self.gateway_id}", will)
+        self._live = LivePublisher(client, self._mark_lost)
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as exc:
@@ -282,8 +380,22 @@ class MqttSink:
         return self.retained.newest(topic, record.time)
 
     async def write(self, batch: Sequence[Item]) -> WriteResult:
-        """Publish committed records, each as the outbox stored it."""
-        return await self._publish([(it.decoded(), it.body) for it in batch])
+        """Publish committed records, each as the outbox stored it (LivePublisher: the records' fast path)."""
+        live = self._live
+        if self._client is None or live is None:
+            raise SinkUnavailable("not connected")
+        live_since = iso_utc(time.time() - self.live_window_s)
+        routed = [message for it in batch for message in self._route(it.decoded(), it.body, live_since)]
+        try:
+            await live.publish(routed)
+        except SinkUnavailable as exc:
+            self._mark_lost(str(exc))
+            raise
+        for topic, payload, retain in routed:
+            if retain:
+                self.retained.published(topic, payload)
+        self.published += len(batch)
+        return ACCEPTED
 
     async def write_undurable(self, records: Sequence[Record]) -> WriteResult:
         """Publish records not yet committed (the outbox cannot be written), marked `durable: false`: the wall
