@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
+import socket
 import subprocess
 import tty
 import uuid
@@ -15,8 +17,57 @@ from pathlib import Path
 
 import pytest
 
-from devtools.localservices import Influxd, Mosquitto, ServiceUnavailable
+from devtools import localservices
+from devtools.localservices import HOST, Influxd, Mosquitto, ServiceUnavailable
 from tests.helpers import PtyPair
+
+
+class WorkerPorts:
+    """Free ports for one pytest-xdist worker: its own slice of the ports below the kernel's ephemeral range.
+
+    A port is chosen some time before it is bound (a gateway's health port is bound a second later, by another
+    process). The kernel's "any free port" comes from the ephemeral range at random, so another worker could be given
+    the same port in between, or take it for an outgoing connection: with a slice each below that range, no worker
+    can. Each port is still checked free (bind) before it is handed out, and taken in turn, never twice in a run.
+    """
+
+    FIRST = 10_000
+
+    def __init__(self, worker: int, workers: int) -> None:
+        ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        size = (int(ephemeral[0]) - self.FIRST) // workers
+        if size < 500:
+            raise RuntimeError(f"the ports below the ephemeral range {ephemeral} are too few for {workers} workers")
+        self.ports = range(self.FIRST + worker * size, self.FIRST + (worker + 1) * size)
+        self._next = random.randrange(len(self.ports))  # a run right after another does not meet its closing sockets
+
+    @classmethod
+    def from_env(cls) -> WorkerPorts | None:
+        """For an xdist worker (PYTEST_XDIST_WORKER=gwN), else None: a single process keeps the kernel's choice."""
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+        if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit()):
+            return None
+        return cls(int(worker[2:]), int(count))
+
+    def take(self) -> int:
+        for _ in range(len(self.ports)):
+            port = self.ports[self._next % len(self.ports)]
+            self._next += 1
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((HOST, port))
+                except OSError:
+                    continue  # in use (or still closing): the next one
+            return port
+        raise RuntimeError(f"no free port in {self.ports}")
+
+
+# Installed before any test module is imported, so their `from devtools.localservices import find_free_port` and the
+# services' own choice of ports (Mosquitto, Influxd) both take this worker's.
+_worker_ports = WorkerPorts.from_env()
+if _worker_ports is not None:
+    localservices.find_free_port = _worker_ports.take
 
 
 @pytest.fixture
@@ -108,3 +159,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         uses = set(getattr(item, "fixturenames", ()))
         if "integration" in path.parts or uses & SERVICE_FIXTURES or path.name in SERVICE_MODULES:
             item.add_marker(pytest.mark.integration)
+    # The slow ones first (each module's tests stay together, in order): the workers start on the long waits and
+    # fill the gaps with the quick tests, instead of finding the long ones left at the end.
+    items.sort(key=lambda item: item.get_closest_marker("integration") is None)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from devices.base import DeviceState, DeviceStatus, Reading, Waveform
-from devtools.localservices import find_free_port
+from devtools import localservices
 from gateway.alarms import AlarmEvent
 from gateway.envelope import (
     Origin,
@@ -114,7 +114,7 @@ def write_gateway_config(
 site = "test-site"
 id = "{gateway_id}"
 data_dir = "{tmp_path / "data"}"
-health_port = {health_port or find_free_port()}
+health_port = {health_port or localservices.find_free_port()}
 {gateway_extra}
 [mqtt]
 host = "127.0.0.1"

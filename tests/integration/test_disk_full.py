@@ -60,6 +60,13 @@ class GatewayAlarms:
             await self.task
 
 
+async def send_until(device: Device, stop: asyncio.Event) -> None:
+    """A second of readings at a time until `stop` is set, then one more second (sent while the disk is full)."""
+    while not stop.is_set():
+        await device.send(1)
+    await device.send(1)
+
+
 async def test_a_full_disk_is_a_state_nothing_is_lost_and_live_data_keeps_flowing(
     tmp_path: Path, small_fs: Path, mosquitto: Any, influxd: Any, influx_db: str
 ) -> None:
@@ -70,17 +77,20 @@ async def test_a_full_disk_is_a_state_nothing_is_lost_and_live_data_keeps_flowin
     observer = GatewayAlarms(mosquitto.port)
     proc = start_gateway_logged(config)
     filler: Path | None = None
+    sending: asyncio.Task[None] | None = None
     try:
         await wait_connected(mqtt, 1)
         await device.send(3)
         influxd.stop()  # the outbox must now keep (and grow with) everything
         await device.send(2)
         filler = fill(small_fs)
-        sending = asyncio.create_task(device.send(12))
+        full = asyncio.Event()
+        sending = asyncio.create_task(send_until(device, full))  # the device talks for as long as the checks take
         await wait_for(lambda: "raised" in observer.storage(), 20)
         await wait_for(lambda: health(health_port).get("links", {}).get("storage") == "down", 10)
         assert health(health_port)["state"] == "degraded"
         await wait_for(lambda: observer.undurable >= 10, 15)  # live readings still reach the wall, undurable
+        full.set()
         await sending
         assert proc.poll() is None, "the gateway ended on a full disk"
         filler.unlink()
@@ -92,6 +102,8 @@ async def test_a_full_disk_is_a_state_nothing_is_lost_and_live_data_keeps_flowin
         durable = {m["device_time"] for _, m in mqtt.readings if m.get("durable", True)}
         assert set(device.sent) <= durable, "every reading was published again once durable"
     finally:
+        if sending is not None:
+            sending.cancel()
         if filler is not None:
             with contextlib.suppress(OSError):
                 filler.unlink()

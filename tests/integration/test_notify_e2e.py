@@ -1,5 +1,7 @@
-"""Notifications end to end: scenario bytes on a real pty -> the real gateway CLI (real mosquitto and influxd) ->
+"""Notifications end to end: Masimo bytes on a real pty -> the real gateway CLI (real mosquitto and influxd) ->
 alarm -> Apprise -> a real HTTP receiver on loopback, a stand-in for a phone or chat service (json:// targets).
+The test plays the oximeter and ends each desaturation only once what it waits for has arrived, so the order of
+events does not depend on how fast the machine is (a scenario's clock would race the gateway's start-up).
 
 - A desaturation's alarm reaches the nurses' phones; not acknowledged, its escalation reaches the charge nurse; its
   clearing reaches both and cancels what was left of the chain (the notify state in the outbox holds nothing more).
@@ -12,43 +14,25 @@ Waits are bounded and fail naming what is missing; nothing asserts on how long a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from devices.base import Sample
+from devices.registry import get_model
 from gateway.config import MqttSection
 from gateway.sinks.mqtt import subscribe
-from simulators.serve import serve
+from simulators.serve import PtyEndpoint
 from tests.helpers import start_gateway, stop_gateway, wait_for
 from tests.integration.test_gateway_e2e import write_config
 from tests.notify_receiver import Receiver
 
 TOKEN = "s3cr3t-e2e-token-4711"  # in the targets' URLs: it must never reach the gateway's log
-
-SCENARIO = """
-description = "a desaturation from t=6 to t=26"
-duration_s = 90
-[[keyframes]]
-t = 0
-spo2 = 98
-pulse_rate = 72
-perfusion_index = 3.5
-[[keyframes]]
-t = 5.9
-spo2 = 98
-[[keyframes]]
-t = 6
-spo2 = 85
-[[keyframes]]
-t = 26
-spo2 = 85
-[[keyframes]]
-t = 26.1
-spo2 = 98
-"""
 
 PROFILE = """
 [alarms]
@@ -85,12 +69,32 @@ targets = ["phones"]
 {escalation}"""
 
 
-def setup(tmp_path: Path, mosquitto: Any, influxd: Any, db: str, receiver: Receiver, chain: bool) -> tuple[Path, Path]:
-    scenario = tmp_path / "desaturation.toml"
-    scenario.write_text(SCENARIO)
+def setup(tmp_path: Path, mosquitto: Any, influxd: Any, db: str, chain: bool) -> tuple[Path, Path]:
+    """The gateway's config and the oximeter's stable port name."""
     link = tmp_path / "room7-oximeter"
-    config = write_config(tmp_path, mosquitto.port, influxd.url, db, link, PROFILE + notify_section(chain))
-    return config, scenario
+    return write_config(tmp_path, mosquitto.port, influxd.url, db, link, PROFILE + notify_section(chain)), link
+
+
+class Oximeter:
+    """A Rad-8 on a pty that sends, once a second, the SpO2 the test sets: the test decides when a desaturation ends."""
+
+    def __init__(self, link: Path, spo2: float) -> None:
+        self.endpoint = PtyEndpoint(link=link)
+        self.spo2 = spo2
+        self._model = get_model("masimo-ascii1")
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            metrics = {"spo2": self.spo2, "pulse_rate": 72.0, "perfusion_index": 3.5}
+            self.endpoint.write(self._model.encode(Sample(metrics, device_time=datetime.now())))
+            await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.endpoint.close()
 
 
 def notify_state(tmp_path: Path) -> dict[str, Any]:
@@ -110,14 +114,12 @@ async def test_an_alarm_reaches_the_phones_escalates_to_the_charge_nurse_and_its
     receiver = Receiver()
     monkeypatch.setenv("E2E_PHONES_URL", receiver.url(f"phones-{TOKEN}"))
     monkeypatch.setenv("E2E_CHARGE_URL", receiver.url(f"charge-{TOKEN}"))
-    config, scenario = setup(tmp_path, mosquitto, influxd, influx_db, receiver, chain=True)
-    link = tmp_path / "room7-oximeter"
+    config, link = setup(tmp_path, mosquitto, influxd, influx_db, chain=True)
     await receiver.start()
-    simulating = asyncio.create_task(serve("masimo-ascii1", scenario, pty=True, link=link, duration_s=90))
+    oximeter = Oximeter(link, spo2=85)  # desaturated from the first reading on
     log = tmp_path / "gateway.log"
     proc = None
     try:
-        await wait_for(lambda: link.exists(), 5)
         proc = start_gateway(config, log=log)
         phones, charge = f"phones-{TOKEN}", f"charge-{TOKEN}"
 
@@ -133,12 +135,12 @@ async def test_an_alarm_reaches_the_phones_escalates_to_the_charge_nurse_and_its
         # Nobody acknowledges: the chain's first step goes to the charge nurse.
         await wait_for(lambda: any("ESCALATION 1: not acknowledged" in t for t in titles(charge)), 20)
         # The desaturation ends: both learn it, and the chain stops.
+        oximeter.spo2 = 98
         await wait_for(lambda: any(t.endswith("- cleared") for t in titles(phones)), 40)
         await wait_for(lambda: any(t.endswith("- cleared") for t in titles(charge)), 10)
     finally:
         output = stop_gateway(proc) if proc is not None else ""
-        simulating.cancel()
-        await asyncio.gather(simulating, return_exceptions=True)
+        await oximeter.close()
         await receiver.stop()
     assert proc.returncode == 0, output + log.read_text()
     state = notify_state(tmp_path)
@@ -156,8 +158,7 @@ async def test_an_outage_and_a_sigkill_deliver_late_marked_and_lose_nothing(
     receiver = Receiver()  # not listening yet: connections are refused
     monkeypatch.setenv("E2E_PHONES_URL", receiver.url(f"phones-{TOKEN}"))
     monkeypatch.setenv("E2E_CHARGE_URL", receiver.url(f"charge-{TOKEN}"))
-    config, scenario = setup(tmp_path, mosquitto, influxd, influx_db, receiver, chain=False)
-    link = tmp_path / "room7-oximeter"
+    config, link = setup(tmp_path, mosquitto, influxd, influx_db, chain=False)
     events: list[dict[str, Any]] = []
 
     async def collect() -> None:
@@ -167,12 +168,11 @@ async def test_an_outage_and_a_sigkill_deliver_late_marked_and_lose_nothing(
                 events.append(json.loads(payload))
 
     collecting = asyncio.create_task(collect())
-    simulating = asyncio.create_task(serve("masimo-ascii1", scenario, pty=True, link=link, duration_s=90))
+    oximeter = Oximeter(link, spo2=85)  # desaturated from the first reading on
     log = tmp_path / "gateway.log"
     proc = None
     phones = f"phones-{TOKEN}"
     try:
-        await wait_for(lambda: link.exists(), 5)
         proc = start_gateway(config, log=log)
         await wait_for(lambda: any(e["transition"] == "raised" for e in events), 40)
         await wait_for(lambda: "notify phones:" in log.read_text(), 20)  # an attempt was refused
@@ -184,13 +184,14 @@ async def test_an_outage_and_a_sigkill_deliver_late_marked_and_lose_nothing(
         receiver.status = 200
         proc = start_gateway(config, log=log)
         await wait_for(lambda: any("- ALARM" in r.title for r in receiver.to(phones)), 40)
+        oximeter.spo2 = 98  # the desaturation ends only now
         await wait_for(lambda: any(e["transition"] == "cleared" for e in events), 40)
         await wait_for(lambda: any(r.title.endswith("- cleared") for r in receiver.to(phones)), 20)
     finally:
         output = stop_gateway(proc) if proc is not None else ""
-        simulating.cancel()
         collecting.cancel()
-        await asyncio.gather(simulating, collecting, return_exceptions=True)
+        await asyncio.gather(collecting, return_exceptions=True)
+        await oximeter.close()
         await receiver.stop()
     assert proc.returncode == 0, output + log.read_text()
     late = next(r for r in receiver.to(phones) if "- ALARM" in r.title)

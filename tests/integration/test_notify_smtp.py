@@ -7,8 +7,9 @@ with a real outbox and the NotifyWorker in between (the gateway's own path from 
 - An outage of the mail server (connections refused, then 451 "try again later" to every message, then back) loses
   nothing: every transition arrives at least once, with the same Ref line when repeated.
 
-Apprise sends at most one e-mail every 5.5 s to one target (its plugins' default `request_rate_per_sec`, a throttle
-inside the send), so six e-mails take half a minute: the waits are long for that, and the tests' timeout too.
+Apprise sends at most one e-mail every 5.5 s to one target (its services' `request_rate_per_sec`, a throttle inside
+the send): six e-mails would take half a minute. The sink here sets it to 0.1 s (NotifySink's `min_interval_s`), so
+the throttle still runs between two sends, only shorter; a site keeps Apprise's, which the last test checks.
 Waits are bounded and fail naming what is missing; nothing asserts on how long anything took.
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from pydantic import SecretStr
 
 from devices.base import Reading
 from devtools.localservices import find_free_port
@@ -35,12 +37,14 @@ from gateway.config import NotifySection
 from gateway.envelope import AlarmMessage, Origin, ReadingMessage, alarm_record, reading_record
 from gateway.notify.worker import NotifyWorker
 from gateway.outbox import Outbox
+from gateway.sinks.notify import NotifySink
 from tests.helpers import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.integration
 
 USER, PASSWORD = "infusion-gateway", "s3cr3t-smtp-pass-0042"
 TO = "charge-nurse@clinic.invalid"
+MIN_INTERVAL_S = 0.1  # between two e-mails to one target; Apprise's own is 5.5 s
 ORIGIN: Origin = {
     "site": "clinic-a",
     "room": "7",
@@ -143,11 +147,15 @@ def _config() -> NotifySection:
     )
 
 
+def sink(urls: dict[str, SecretStr], timeout_s: float) -> NotifySink:
+    return NotifySink(urls, timeout_s, min_interval_s=MIN_INTERVAL_S)
+
+
 @contextlib.asynccontextmanager
 async def running(tmp_path: Path) -> AsyncIterator[tuple[Outbox, NotifyWorker]]:
     box = Outbox(tmp_path / "outbox.sqlite3", sinks=("notify",))
     await box.open()
-    worker = NotifyWorker(box, _config(), silence_s=120)
+    worker = NotifyWorker(box, _config(), silence_s=120, sink_factory=sink)
     tasks = [asyncio.create_task(box.run_committer()), asyncio.create_task(worker.run())]
     try:
         yield box, worker
@@ -199,7 +207,7 @@ async def test_every_notified_alarm_transition_arrives_as_one_email_at_a_real_sm
         async with running(tmp_path) as (box, worker):
             expected = put_story(box)
             assert len(expected) == 6  # spo2-low: raised, escalated, acknowledged, cleared; probe-off: raised, cleared
-            await wait_for(lambda: len(server.mails) >= len(expected), 90)
+            await wait_for(lambda: len(server.mails) >= len(expected), 30)
             await asyncio.sleep(0.5)  # anything more would arrive now: nothing must
             assert worker.rejected == 0
     finally:
@@ -239,7 +247,7 @@ async def test_a_mail_server_outage_refused_then_451_then_back_loses_no_transiti
             await wait_for(lambda: server.refused >= 2, 20)  # and at least two answered 451
             assert server.mails == []
             server.reply = "250 OK"
-            await wait_for(lambda: set(expected) <= {m.ref for m in server.mails}, 90)
+            await wait_for(lambda: set(expected) <= {m.ref for m in server.mails}, 30)
             await wait_for(lambda: not any(p.target == "mail" for p in worker.notifier.queue), 10)
             assert worker.rejected == 0
     finally:
@@ -247,3 +255,13 @@ async def test_a_mail_server_outage_refused_then_451_then_back_loses_no_transiti
     refs = [m.ref for m in server.mails]
     assert set(refs) == set(expected), (refs, expected)  # at least once, and nothing about anything else
     assert all(m.authenticated for m in server.mails)
+
+
+async def test_a_site_keeps_apprises_throttle_and_the_tests_shorter_one_is_the_only_change() -> None:
+    """The e-mail tests above send with a 0.1 s throttle; without `min_interval_s` every service keeps its own."""
+    urls = {"mail": SecretStr(MailServer().url())}
+    for interval, expected in ((None, 5.5), (MIN_INTERVAL_S, MIN_INTERVAL_S)):
+        async with NotifySink(urls, 20.0, min_interval_s=interval) as notify:
+            services = list(notify._targets["mail"])  # the Apprise object's services: one per URL
+        assert len(services) == 1 and type(services[0]).__name__ == "NotifyEmail", services
+        assert services[0].request_rate_per_sec == expected, (interval, services[0].request_rate_per_sec)

@@ -1,12 +1,16 @@
 """Never lose a reading: real faults, then count every reading by its device time and sequence number.
 
-1. the broker stops for 20 s mid-stream and starts again;
-2. influxd stops for 60 s and starts again;
+1. the broker stops for 12 s mid-stream and starts again;
+2. influxd stops for 15 s and starts again;
 3. the gateway is killed with SIGKILL mid-stream (with a backlog owed) and restarted;
 4. the pty closes mid-stream and a new one appears at the same path (a udev-style symlink).
 
 After each, every reading the device sent while the gateway had its port open is in InfluxDB exactly once and was
 published on MQTT at least once, and live readings kept flowing while the backlog drained.
+
+Each outage is as short as still proves its point: longer than the live window (10 s, so held readings come out
+marked historical) and than the sink's longest wait between reconnect attempts (5 s for MQTT, 10 s for InfluxDB,
+so the sink is retrying at its cap when the service returns); a longer one only repeats the same retries.
 """
 
 from __future__ import annotations
@@ -138,7 +142,7 @@ async def assert_every_reading_delivered(device: Device, mqtt: Mqtt, influxd: In
     assert {d for d, _ in rows} == expected
 
 
-async def test_broker_outage_of_20_s(tmp_path: Path, mosquitto: Mosquitto, influxd: Influxd, influx_db: str) -> None:
+async def test_broker_outage_of_12_s(tmp_path: Path, mosquitto: Mosquitto, influxd: Influxd, influx_db: str) -> None:
     mosquitto.persistence = True
     mosquitto.restart()
     device = Device(tmp_path / "room7")
@@ -148,8 +152,8 @@ async def test_broker_outage_of_20_s(tmp_path: Path, mosquitto: Mosquitto, influ
         await wait_connected(mqtt, 1)
         await device.send(3)
         mosquitto.stop()
-        await device.send(20)  # the gateway keeps reading and committing; InfluxDB keeps getting them
-        assert len(stored(influxd, influx_db)) >= 20 * RATE
+        await device.send(12)  # the gateway keeps reading and committing; InfluxDB keeps getting them
+        assert len(stored(influxd, influx_db)) >= 12 * RATE
         mosquitto.start()
         back = time.time()
         await device.send(10)
@@ -166,8 +170,8 @@ async def test_broker_outage_of_20_s(tmp_path: Path, mosquitto: Mosquitto, influ
         device.endpoint.close()
 
 
-async def test_influxd_outage_of_30_s(tmp_path: Path, mosquitto: Mosquitto, influxd: Influxd, influx_db: str) -> None:
-    """Budget: 36 s of traffic + 40 s of delivery + start-up, inside the 120 s timeout (it once had 66 s of traffic
+async def test_influxd_outage_of_15_s(tmp_path: Path, mosquitto: Mosquitto, influxd: Influxd, influx_db: str) -> None:
+    """Budget: 21 s of traffic + 40 s of delivery + start-up, inside the 120 s timeout (it once had 66 s of traffic
     and two 90 s waits, and failed under load with a selector stack trace instead of the missing readings)."""
     device = Device(tmp_path / "room7")
     mqtt = Mqtt(mosquitto.port)
@@ -177,9 +181,9 @@ async def test_influxd_outage_of_30_s(tmp_path: Path, mosquitto: Mosquitto, infl
         await device.send(3)
         influxd.stop()
         outage = time.time()
-        await device.send(30)
+        await device.send(15)
         live = [m for t, m in mqtt.readings if t > outage]
-        assert len(live) >= 27 * RATE and not [m for m in live if m["historical"]], "MQTT stays live without InfluxDB"
+        assert len(live) >= 12 * RATE and not [m for m in live if m["historical"]], "MQTT stays live without InfluxDB"
         influxd.start()
         await device.send(3)
         await assert_every_reading_delivered(device, mqtt, influxd, influx_db)
