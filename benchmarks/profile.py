@@ -30,6 +30,7 @@ from benchmarks.sidebyside import (
     BenchError,
     Layout,
     _read_line,
+    _start_gateway,
     _stop,
     _wait,
     cpu_s,
@@ -67,9 +68,9 @@ def summarize(collapsed: Path, top: int = 25) -> str:
     incl_n: collections.Counter[str] = collections.Counter()
     threads: collections.Counter[str] = collections.Counter()
     total = 0
-    for raw in collapsed.read_text().splitlines():
+    for raw in collapsed.read_text(errors="replace").split("\n"):  # not splitlines: frames may hold \x1c, \x85
         stack, _, count_text = raw.rpartition(" ")
-        if not stack:
+        if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
         frames = stack.split(";")
@@ -93,7 +94,9 @@ def summarize(collapsed: Path, top: int = 25) -> str:
     return "\n".join(out)
 
 
-def profile(n: int, one_room: bool, seconds: float, rate: int, work: Path, svg: bool) -> Path:
+def profile(
+    n: int, one_room: bool, seconds: float, rate: int, work: Path, svg: bool, perf: bool = False, cprofile: bool = False
+) -> Path:
     """Run the gateway under the feeder's load and sample it; returns the collapsed-stacks file."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
@@ -126,15 +129,35 @@ def profile(n: int, one_room: bool, seconds: float, rate: int, work: Path, svg: 
             )
             _wait("the feeder's ptys", lambda: "ptys ready" in feeder_err.read_text(), 30 + n / 20, feeder_err)
             ports = [work / "tty" / f"tty{i}" for i in range(n)]
-            proc = GATEWAY.start(work, layout, broker, influx, ports)
+            stats = work / "cprofile.out"
+            python_args = ("-m", "cProfile", "-o", str(stats)) if cprofile else ()
+            proc = _start_gateway(work, layout, broker, influx, ports, python_args)
             _wait("the gateway's ports", lambda: GATEWAY.ready(work, layout, counter_log), 60 + n / 5, work)
             time.sleep(2)
             feeder.send_signal(signal.SIGUSR1)
             time.sleep(5)
             c0, t0, threads0 = cpu_s(tree(proc.pid)), time.time(), thread_cpu(proc.pid)
-            record = [py_spy, "record", "--pid", str(proc.pid), "--duration", f"{seconds:g}", "--rate", str(rate)]
-            record += ["--threads", "--nonblocking"]
-            subprocess.run([*record, "--format", "raw", "-o", str(collapsed)], check=True, capture_output=True)
+            if cprofile:  # every call counted (the gateway runs slower under it): calls per reading
+                time.sleep(seconds)
+            elif perf:  # where the CPU goes below Python: the interpreter, SQLite, the kernel (per thread)
+                data = work / "perf.data"
+                sample = ["perf", "record", "-q", "-F", str(rate), "-g", "-p", str(proc.pid), "-o", str(data)]
+                subprocess.run(
+                    [*sample, "--", "sleep", f"{seconds:g}"],
+                    check=True,
+                    capture_output=True,
+                )
+                report = subprocess.run(
+                    ["perf", "report", "-i", str(data), "--no-children", "--sort", "tid,dso", "--stdio", "-g", "none"],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                collapsed.write_text(report.stdout)
+            else:
+                record = [py_spy, "record", "--pid", str(proc.pid), "--duration", f"{seconds:g}", "--rate", str(rate)]
+                record += ["--threads", "--nonblocking"]
+                subprocess.run([*record, "--format", "raw", "-o", str(collapsed)], check=True, capture_output=True)
             c1, t1, threads1 = cpu_s(tree(proc.pid)), time.time(), thread_cpu(proc.pid)
             print(f"gateway CPU while sampled: {100 * (c1 - c0) / (t1 - t0):.1f} % of a core ({n} devices)")
             for tid, used in sorted(threads1.items(), key=lambda kv: kv[1] - threads0.get(kv[0], 0.0), reverse=True):
@@ -149,6 +172,14 @@ def profile(n: int, one_room: bool, seconds: float, rate: int, work: Path, svg: 
             _stop(proc)
             _stop(feeder)
             _stop(counter)
+    if cprofile:
+        import pstats
+
+        print(
+            f"lines the feeder wrote in all (the profile covers the gateway's whole run): {len(feeder_log.read_bytes().splitlines())}"
+        )
+        collapsed.write_text("")
+        pstats.Stats(str(stats)).sort_stats("tottime").print_stats(40)
     return collapsed
 
 
@@ -160,12 +191,14 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=200, help="samples a second (py-spy's --rate)")
     parser.add_argument("--svg", action="store_true", help="also record a flame graph (a second window)")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--perf", action="store_true", help="perf record (per thread and library) in place of py-spy")
+    parser.add_argument("--cprofile", action="store_true", help="run the gateway under cProfile (call counts)")
     parser.add_argument("--out", type=Path, help="where the stacks go (default: a temp folder)")
     args = parser.parse_args()
     work = args.out or Path(tempfile.mkdtemp(prefix="bench-profile-"))
-    collapsed = profile(args.devices, args.one_room, args.seconds, args.rate, work, args.svg)
+    collapsed = profile(args.devices, args.one_room, args.seconds, args.rate, work, args.svg, args.perf, args.cprofile)
     print(f"stacks: {collapsed}")
-    print(summarize(collapsed, args.top))
+    print(collapsed.read_text()[:6000] if args.perf else summarize(collapsed, args.top))
 
 
 if __name__ == "__main__":

@@ -132,8 +132,14 @@ class Side:
 
 
 def _start_gateway(
-    work: Path, layout: Layout, broker: Mosquitto, influx: Influxd, ports: list[Path]
+    work: Path,
+    layout: Layout,
+    broker: Mosquitto,
+    influx: Influxd,
+    ports: list[Path],
+    python_args: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
+    """The gateway as clinic IT runs it (`python -m gateway run`); `python_args` go before `-m` (a profiler)."""
     lines = [
         "[gateway]",
         f'site = "{SITE}"',
@@ -155,7 +161,7 @@ def _start_gateway(
     config.write_text("\n".join(lines) + "\n")
     with (work / "gateway.log").open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+            [sys.executable, *python_args, "-m", "gateway", "run", "--config", str(config)],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=log,

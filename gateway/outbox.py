@@ -5,8 +5,9 @@ sink drains its own cursor, so a dead InfluxDB does not hold back MQTT and vice 
 
 Group commit: `put()` only queues; one writer commits everything queued in a single transaction as soon as the
 previous commit finished (the window is one fsync, a few ms). `committed` futures tell callers when it is durable.
-All SQLite writes run on one dedicated thread and backlog reads on another (each with its own connection), so the
-event loop never waits on the disk and a live commit never waits behind a large read.
+All SQLite writes run on one dedicated thread (`WriterThread`: a job queue in, call_soon_threadsafe out, one hop
+each way per commit) and backlog reads on another (each with its own connection), so the event loop never waits on
+the disk and a live commit never waits behind a large read.
 
 What each sink still owes is kept in memory, exact, without a query: the head id minus the sink's cursor, minus the
 ids in between that are no longer there (readings dropped to keep within bounds, tracked as `holes`). The health
@@ -24,7 +25,9 @@ import errno
 import itertools
 import json
 import logging
+import queue
 import sqlite3
+import threading
 import time
 from array import array
 from collections.abc import Callable
@@ -42,6 +45,7 @@ T = TypeVar("T")
 RECENT = 4096  # committed records kept in memory for sinks that keep up
 PRUNE_CHUNK = 2000  # settled records deleted per transaction (a whole backlog at once would stall live commits)
 CURSOR_SAVE_S = 1.0  # the longest an acknowledged cursor waits in memory for a commit to carry it to disk
+NUDGE_S = CURSOR_SAVE_S  # every sink's wait_new returns at least this often, commit or not; cursors are saved then
 # Disk full (or an I/O error) is a state, not a crash: records wait in memory, at most this many (about 1 KB each,
 # so some 100 MB; at 200 devices a reading a second, over 8 minutes), oldest readings dropped first beyond it.
 MAX_UNSAVED = 100_000
@@ -87,6 +91,68 @@ class Item:
         if self.record is None:
             raise ValueError(self.error or f"record {self.id} has no decoded body")
         return self.record
+
+
+class WriterThread:
+    """The outbox's one writer: runs jobs in the order given, on one thread (one SQLite connection, so one at a
+    time), and hands each outcome back to the event loop with call_soon_threadsafe. A commit a reading costs one hop
+    each way; concurrent.futures' executor cost twice as much CPU per commit (its future, condition and wrapper)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], Any] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+            self._thread.start()
+
+    def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """`fn(*args)` on the writer thread; the future (of the running loop) gets its result or exception."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._start()
+        self._jobs.put((fn, args, (loop, fut)))
+        return fut
+
+    def submit(self, fn: Callable[..., object], *args: Any) -> None:
+        """`fn(*args)` on the writer thread, in turn, nobody waiting for it: what it raises is logged there."""
+        self._start()
+        self._jobs.put((fn, args, None))
+
+    def _main(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, args, reply = job
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:
+                result, error = None, exc
+            if reply is None:
+                if error is not None:
+                    log.error("outbox writer: %s failed: %r", getattr(fn, "__qualname__", fn), error)
+                continue
+            loop, fut = reply
+            try:
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+            except RuntimeError:  # the loop is closed: nobody is left to tell
+                log.error("outbox writer: %s finished after the event loop closed", getattr(fn, "__qualname__", fn))
+
+    def shutdown(self) -> None:
+        """Run what is queued, then end the thread."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
 
 
 Queued = tuple[str, int, Record, bytes]  # key, seq, record, its body: put, waiting for the next commit
@@ -138,7 +204,7 @@ class Outbox:
     def __init__(self, path: Path, sinks: tuple[str, ...]) -> None:
         self.path = path
         self.sinks = sinks
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
+        self._pool = WriterThread("outbox")  # every SQLite write, in order
         # Reading a backlog back (thousands of rows) runs on a connection and thread of its own, so a commit of
         # live records never queues behind it (WAL lets readers and the writer work at the same time).
         self._read_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-read")
@@ -170,6 +236,8 @@ class Outbox:
         self.unsaved_dropped = 0  # readings lost because memory's bound was reached while storage was unusable
         self._unsaved_new: list[Record] = []  # records to hand to live sinks before they are durable
         self.unsaved_ready = asyncio.Event()
+        self._nudger: asyncio.TimerHandle | None = None
+        self._listeners: dict[str, Callable[[list[Item]], None]] = {}  # sink -> its listen() callback
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -189,6 +257,16 @@ class Outbox:
         self._holes = array("q", holes)
         for sink in self.sinks:
             self._new[sink].set()  # a backlog from the last run may be waiting
+        self._nudger = asyncio.get_running_loop().call_later(NUDGE_S, self._nudge)
+
+    def _nudge(self) -> None:
+        """Wake every sink once a NUDGE_S, and the committer when cursors wait to be written: one timer for all of
+        them, not one per wait (a wait per reading)."""
+        for event in self._new.values():
+            event.set()
+        if self._dirty:
+            self._wake.set()
+        self._nudger = asyncio.get_running_loop().call_later(NUDGE_S, self._nudge)
 
     def _tally_sync(self, after_id: int) -> tuple[int, int, list[int]]:
         """At open, once: the last id ever given (sqlite_sequence: the newest rows may have been dropped), the
@@ -213,6 +291,9 @@ class Outbox:
         self._db, self._marks, self.storage = storage.open_outbox(self.path, self.sinks)
 
     async def close(self) -> None:
+        if self._nudger is not None:
+            self._nudger.cancel()
+            self._nudger = None
         await self.flush()
         if self._pending:
             log.error(
@@ -227,7 +308,7 @@ class Outbox:
             await self._run(self._db.close)
             self._db = None
         self._read_pool.shutdown(wait=True)
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown()
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -240,7 +321,7 @@ class Outbox:
         return self._rdb
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await self._pool.run(fn, *args)
 
     async def _run_read(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._read_pool, fn, *args)
@@ -334,10 +415,9 @@ class Outbox:
                     await asyncio.sleep(STORAGE_RETRY_S)
                 else:
                     # Acknowledged cursors ride along with the next commit; on a quiet line they are written on their
-                    # own after CURSOR_SAVE_S (a transaction and an fsync each, so not once per acknowledgement).
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(CURSOR_SAVE_S):
-                            await self._wake.wait()
+                    # own within CURSOR_SAVE_S (the nudge wakes this loop for them: a transaction and an fsync each,
+                    # so not once per acknowledgement, and no timer armed and cancelled per commit).
+                    await self._wake.wait()
                 self._wake.clear()
                 await self.flush()
         finally:
@@ -385,13 +465,17 @@ class Outbox:
         self.committed += len(batch)
         self._stored += len(batch)
         first = last - len(batch) + 1
-        self._recent.extend(Item(first + i, record, body) for i, (_, _, record, body) in enumerate(batch))
+        items = [Item(first + i, record, body) for i, (_, _, record, body) in enumerate(batch)]
+        self._recent.extend(items)
         self._head = last
         for fut in done:
             if not fut.done():
                 fut.set_result(None)
         for event in self._new.values():
             event.set()
+        if items:
+            for listener in list(self._listeners.values()):
+                listener(items)
 
     def _keep_unsaved(
         self,
@@ -431,10 +515,11 @@ class Outbox:
         db = self._conn
         now = time.time()
         with storage.transaction(db):
-            db.executemany(
-                "INSERT INTO state(name, body) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET body = excluded.body",
-                list(state.items()),
-            )
+            if state:
+                db.executemany(
+                    "INSERT INTO state(name, body) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET body = excluded.body",
+                    list(state.items()),
+                )
             db.executemany(
                 "INSERT INTO records(key, seq, type, body, created) VALUES (?, ?, ?, ?, ?)",
                 [(k, s, record_type(r), body.decode(), now) for k, s, r, body in batch],  # TEXT, as ever
@@ -447,7 +532,8 @@ class Outbox:
                 "ON CONFLICT(key) DO UPDATE SET seq = max(seq, excluded.seq)",
                 list(last.items()),
             )
-            self._save_cursors(db, cursors)
+            if cursors:
+                self._save_cursors(db, cursors)
             row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
             last_id = row[0] if row is not None else 0
         return int(last_id)
@@ -455,11 +541,17 @@ class Outbox:
     # -- draining --------------------------------------------------------------------------------------------
 
     async def wait_new(self, sink: str, max_wait_s: float) -> None:
-        """Wait until a commit may have given `sink` something to do (or max_wait_s passes)."""
+        """Wait until a commit may have given `sink` something to do (or max_wait_s passes, or, when that is longer
+        than NUDGE_S, the next nudge: every sink is woken once every NUDGE_S, see `_nudge`)."""
         event = self._new[sink]
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max_wait_s):
-                await event.wait()
+        if event.is_set():
+            pass  # a sink that keeps up: no wait at all
+        elif max_wait_s >= NUDGE_S:  # nudged at least this often anyway: no timer armed and cancelled per wait
+            await event.wait()
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max_wait_s):
+                    await event.wait()
         event.clear()
 
     async def read(self, after_id: int, before_id: int | None = None, *, limit: int) -> list[Item]:
@@ -496,7 +588,24 @@ class Outbox:
         """The newest committed record's id (0 before the first)."""
         return self._head
 
+    def listen(self, sink: str, listener: Callable[[list[Item]], None] | None) -> None:
+        """Hand `sink`'s listener each commit's records as soon as they are durable, from the commit's own step on
+        the loop (a sink that keeps up sends them at once: no task to wake); None stops it. The listener must not
+        raise: whatever it cannot do, it hands back to its own task."""
+        if listener is None:
+            self._listeners.pop(sink, None)
+        else:
+            self._listeners[sink] = listener
+
+    def listening(self, sink: str) -> bool:
+        """Whether `sink` takes commits from its listener now (it has caught up)."""
+        return sink in self._listeners
+
     async def ack(self, sink: str, up_to_id: int) -> None:
+        """Settle up to `up_to_id` (settle(), for the callers that await)."""
+        self.settle(sink, up_to_id)
+
+    def settle(self, sink: str, up_to_id: int) -> None:
         """Settle up to `up_to_id`. Written to disk with the next commit (or prune, or close, or within
         CURSOR_SAVE_S), not on its own: a crash in between only sends those records again, which at-least-once
         delivery allows."""

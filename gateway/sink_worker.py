@@ -8,6 +8,11 @@ the same records again). The cursor never passes a record that was neither accep
 A sink that owes more than a batch (after an outage, or a backlog found at start) drains it by two named strategies:
 - LiveFirst: records committed from now on go out as they come while the backlog drains behind them (every sink);
 - RenderedBacklog: the backlog's batches are read and rendered by a niced worker process (Prerenderable sinks).
+
+A Pushed sink (MQTT) that has caught up is handed each commit's records by the outbox's listener, in the commit's own
+step on the loop, and its cursor moves in the acknowledgement's callback (`_push_live`): a reading costs no task
+wake-up, read or settle of its own. Whatever that path cannot do (a record it cannot route, a lost link) goes back to
+the loop above, which reads again from the cursor: the cursor only moves past what the sink acknowledged.
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from gateway.backoff import Backoff
 from gateway.outbox import Item, Outbox, map_rows, retryable
@@ -32,8 +37,18 @@ from gateway.sinks import LinkWatched, Outcome, Prerenderable, Sink, SinkUnavail
 
 log = logging.getLogger(__name__)
 NICE = 10  # the backlog renderer's priority below the gateway's
+PUSH_SETTLE_S = 15.0  # the longest a handed-back push waits for the batches in flight (their PUBACK timeout is 10 s)
 # What a sink raises for a record it cannot shape (a missing field, a wrong type): that record's fault, not the link's.
 RECORD_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
+@runtime_checkable
+class Pushed(Protocol):
+    """A sink that can take committed records from a callback: `push` sends them before it returns and calls
+    `finished(None)` once the target has them all, or `finished(error)`; it raises for a record it cannot shape
+    (RECORD_ERRORS) or SinkUnavailable, and then never calls `finished`."""
+
+    def push(self, batch: Sequence[Item], finished: Callable[[BaseException | None], None]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,9 +169,73 @@ class SinkWorker:
                 self.renderer.stop()  # the backlog is through (or an outage left less than a batch behind)
             batch = await self.next_batch(cursor, linger=True)
             if batch is None:
+                if isinstance(sink, Pushed) and not self.linger_s and self.outbox.cursor(self.name) == head:
+                    await self._push_live(sink)  # caught up: records go out from the commit's step
+                    continue
                 await self.outbox.wait_new(self.name, max_wait_s=5.0)
                 continue
             await self.deliver(sink, batch)
+
+    async def _push_live(self, sink: Pushed) -> None:
+        """While caught up: each commit's records are pushed to the sink by the outbox's listener, and the cursor
+        moves, in order, as batches are acknowledged. Returns to the read loop (after what is in flight has ended) for
+        a record the sink cannot shape or one that was damaged (the loop rejects it the usual way); raises
+        SinkUnavailable when the link fails. The cursor never passes a batch that was not acknowledged."""
+        loop = asyncio.get_running_loop()
+        handback: asyncio.Future[None] = loop.create_future()
+        inflight: collections.deque[list[Any]] = collections.deque()  # [last id, count, acknowledged]
+        drained: list[asyncio.Future[None]] = []
+        expected = [self.outbox.head() + 1]  # the id the next commit must start with: nothing skipped
+
+        def finished(entry: list[Any], error: BaseException | None) -> None:
+            if error is not None:
+                lost = error if isinstance(error, SinkUnavailable) else SinkUnavailable(str(error))
+                for fut in (handback, *drained):
+                    if not fut.done():
+                        fut.set_exception(lost)
+                return
+            entry[2] = True
+            while inflight and inflight[0][2]:
+                last_id, count, _ = inflight.popleft()
+                self.outbox.settle(self.name, last_id)
+                self.delivered += count
+            if not inflight and drained and not drained[0].done():
+                drained[0].set_result(None)
+
+        def committed(items: list[Item]) -> None:
+            if handback.done() or not items:
+                return
+            if items[0].id != expected[0]:  # not the next records (never expected): the read loop reads from the cursor
+                handback.set_result(None)
+                return
+            expected[0] = items[-1].id + 1
+            if any(it.error for it in items):
+                handback.set_result(None)  # the read loop puts it on the rejected pile
+                return
+            entry: list[Any] = [items[-1].id, len(items), False]
+            try:
+                sink.push(items, lambda error: finished(entry, error))
+            except RECORD_ERRORS:
+                handback.set_result(None)  # the read loop finds the record and rejects it with the reason
+                return
+            except BaseException as exc:  # SinkUnavailable, or a bug: raised in this worker's task, not lost here
+                handback.set_exception(exc)
+                return
+            inflight.append(entry)
+
+        self.outbox.listen(self.name, committed)
+        try:
+            await handback
+            if inflight:  # sent before the record handed back: let them settle, so none is sent twice
+                drained.append(loop.create_future())
+                try:
+                    async with asyncio.timeout(PUSH_SETTLE_S):
+                        await drained[0]
+                except TimeoutError:
+                    late = f"{len(inflight)} pushed batch(es) not settled in {PUSH_SETTLE_S:g} s"
+                    raise SinkUnavailable(late) from None
+        finally:
+            self.outbox.listen(self.name, None)
 
     async def next_batch(self, after_id: int, before_id: int | None = None, *, linger: bool = False) -> Batch | None:
         """Read: the next batch after `after_id` (below `before_id`), None when there is none. With `linger`, a

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import ssl
 import threading
 import time
@@ -127,20 +128,26 @@ class RetainedState:
         self.payloads = {str(t): str(p).encode() for t, p in snapshot.get("payloads", {}).items()}
 
 
+Finished = Callable[[BaseException | None], None]  # a batch's end: None (every PUBACK came) or why not
+
+
 class _Batch:
-    """The PUBACKs one batch still waits for."""
+    """The PUBACKs one batch still waits for, since when (monotonic), and whom to tell when it ends."""
 
-    __slots__ = ("done", "waiting")
+    __slots__ = ("finished", "mids", "since", "waiting")
 
-    def __init__(self, done: asyncio.Future[None]) -> None:
-        self.done = done
+    def __init__(self, finished: Finished, since: float) -> None:
+        self.finished = finished
+        self.since = since
         self.waiting = 0
+        self.mids: list[int] = []
 
 
 class LivePublisher:
     """QoS 1 publishing of record batches on the paho client that aiomqtt wraps (see the module docstring). Installed
     on the client before it connects: its write callbacks replace aiomqtt's for every packet the client sends, and its
-    PUBACK callback passes on the acknowledgements it does not wait for (aiomqtt's own publishes)."""
+    PUBACK callback passes on the acknowledgements it does not wait for (aiomqtt's own publishes). One timer a
+    second (`_watch`) fails a batch whose PUBACKs are overdue, in place of a timeout armed and cancelled per batch."""
 
     def __init__(self, client: aiomqtt.Client, on_error: Callable[[str], None]) -> None:
         self._paho = client._client  # aiomqtt's paho client (aiomqtt 2.x): the one connection, not a second one
@@ -148,24 +155,49 @@ class LivePublisher:
         self._thread = threading.get_ident()
         self._on_error = on_error
         self._flush_due = False
+        self._in_publish = False  # send() writes its packets itself, once, at its end
         self._writer: int | None = None  # the fd watched for writability while the socket's buffer is full
         self._acks: dict[int, _Batch] = {}  # mid -> the batch waiting for its PUBACK
+        self._batches: dict[_Batch, None] = {}  # waiting for PUBACKs, oldest first
         self._passed_on: Callable[..., None] | None = self._paho.on_publish
         self._paho.on_publish = self._published
         self._paho.on_socket_register_write = self._register_write
         self._paho.on_socket_unregister_write = self._unregister_write
+        self._watchdog = self._loop.call_later(1.0, self._watch)
+
+    def close(self) -> None:
+        """The connection ends: every batch still waiting ends with SinkUnavailable."""
+        self._watchdog.cancel()
+        self._fail(list(self._batches), "MQTT connection closed")
+
+    def _fail(self, batches: list[_Batch], reason: str) -> None:
+        for batch in batches:
+            self._batches.pop(batch, None)
+            for mid in batch.mids:
+                self._acks.pop(mid, None)
+            batch.finished(SinkUnavailable(reason))
+
+    def _watch(self) -> None:
+        overdue = time.monotonic() - PUBACK_TIMEOUT_S
+        late = [b for b in self._batches if b.since < overdue]
+        if late:
+            self._fail(late, f"MQTT: PUBACKs not received in {PUBACK_TIMEOUT_S:g} s")
+        self._watchdog = self._loop.call_later(1.0, self._watch)
 
     def _register_write(self, _client: Any, _userdata: Any, _sock: Any) -> None:
-        """paho has packets to send: write them at the end of this pass of the loop (a batch in one go)."""
+        """paho has packets to send: send() writes its own at its end; anything else (aiomqtt's publishes, a
+        PUBACK for a command) at the end of this pass of the loop."""
         if self._flush_due:
             return
         self._flush_due = True
-        if threading.get_ident() == self._thread:
-            self._loop.call_soon(self._flush)
-        else:  # aiomqtt connects from a worker thread
+        if threading.get_ident() != self._thread:  # aiomqtt connects from a worker thread
             self._loop.call_soon_threadsafe(self._flush)
+        elif not self._in_publish:
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        if not self._flush_due:
+            return
         self._flush_due = False
         try:
             self._paho.loop_write()
@@ -175,7 +207,11 @@ class LivePublisher:
         sock = self._paho.socket()
         if self._paho.want_write() and self._writer is None and sock is not None:
             self._writer = sock.fileno()  # the socket's buffer is full: wait until it can take more
-            self._loop.add_writer(self._writer, self._flush)
+            self._loop.add_writer(self._writer, self._writable)
+
+    def _writable(self) -> None:
+        self._flush_due = True
+        self._flush()
 
     def _unregister_write(self, _client: Any, _userdata: Any, _sock: Any) -> None:
         if self._writer is not None:
@@ -189,31 +225,51 @@ class LivePublisher:
                 self._passed_on(client, userdata, mid, reason, properties)
             return
         batch.waiting -= 1
-        if batch.waiting == 0 and not batch.done.done():
-            batch.done.set_result(None)
+        if batch.waiting == 0:
+            self._batches.pop(batch, None)
+            batch.finished(None)
 
-    async def publish(self, messages: Sequence[tuple[str, bytes, bool]]) -> None:
-        """Publish every message at QoS 1 and return once the broker has acknowledged them all. SinkUnavailable
-        when the client cannot take them or the acknowledgements do not come within PUBACK_TIMEOUT_S."""
-        batch = _Batch(self._loop.create_future())
-        mids: list[int] = []
+    def send(self, messages: Sequence[tuple[str, bytes, bool]], finished: Finished) -> None:
+        """Publish every message at QoS 1, written before this returns; `finished` is called once, from the loop:
+        with None when the broker has acknowledged them all, or with SinkUnavailable (the PUBACKs did not come
+        within PUBACK_TIMEOUT_S (+ 1 s), or the connection closed). Raises SinkUnavailable when paho refuses one
+        (then `finished` is never called)."""
+        batch = _Batch(finished, time.monotonic())
+        self._in_publish = True
         try:
             for topic, payload, retain in messages:
                 info = self._paho.publish(topic, payload, 1, retain)
                 if info.rc != 0:  # MQTT_ERR_SUCCESS
                     raise SinkUnavailable(f"MQTT publish failed: paho error {info.rc}")
-                mids.append(info.mid)
+                batch.mids.append(info.mid)
                 self._acks[info.mid] = batch
                 batch.waiting += 1
-            if batch.waiting:
-                async with asyncio.timeout(PUBACK_TIMEOUT_S):
-                    await batch.done
-        except TimeoutError:
-            raise SinkUnavailable(f"MQTT: {batch.waiting} PUBACK(s) not received in {PUBACK_TIMEOUT_S:g} s") from None
+        except BaseException:
+            for mid in batch.mids:
+                self._acks.pop(mid, None)
+            raise
         finally:
-            if batch.waiting:
-                for mid in mids:
-                    self._acks.pop(mid, None)
+            self._in_publish = False
+            self._flush()
+        if batch.waiting:
+            self._batches[batch] = None
+        else:
+            self._loop.call_soon(finished, None)
+
+    async def publish(self, messages: Sequence[tuple[str, bytes, bool]]) -> None:
+        """send() and wait for its end; SinkUnavailable as send() says."""
+        done: asyncio.Future[None] = self._loop.create_future()
+
+        def finished(error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        self.send(messages, finished)
+        await done
 
 
 class MqttSink:
@@ -245,6 +301,7 @@ class MqttSink:
         self.published = 0
         self._lost: asyncio.Future[str] | None = None
         self._live: LivePublisher | None = None
+        self._since: tuple[int, str] = (0, "")
 
     def _gateway_body(self, offline: bool = False) -> bytes:
         """The retained gateway status as of now: the latest the gateway gave (online before its first)."""
@@ -263,8 +320,12 @@ class MqttSink:
         self._live = LivePublisher(client, self._mark_lost)
         try:
             await client.__aenter__()
-        except aiomqtt.MqttError as exc:
-            raise SinkUnavailable(f"MQTT broker {self.cfg.host}:{self.cfg.port}: {exc}") from exc
+        except BaseException as exc:
+            self._live.close()
+            self._live = None
+            if isinstance(exc, aiomqtt.MqttError):
+                raise SinkUnavailable(f"MQTT broker {self.cfg.host}:{self.cfg.port}: {exc}") from exc
+            raise
         self._client = client
         self._lost = asyncio.get_running_loop().create_future()
         log.info("connected to MQTT broker %s:%s", self.cfg.host, self.cfg.port)
@@ -326,6 +387,8 @@ class MqttSink:
                 await self._listener
             self._listener = None
         client, self._client = self._client, None
+        if self._live is not None:
+            self._live.close()
         if client is None:
             return
         # A clean stop says "offline" itself; the will only fires on an unclean loss.
@@ -379,12 +442,38 @@ class MqttSink:
         """Whether a retained topic should take this record: only if nothing newer was routed there before."""
         return self.retained.newest(topic, record.time)
 
+    def push(self, batch: Sequence[Item], finished: Finished) -> None:
+        """Publish committed records now, from the caller's step (the sink worker's listener on the outbox: see
+        sink_worker.Pushed); `finished(None)` once the broker has them all, or `finished(SinkUnavailable)` (the
+        link is then marked lost). Raises what routing a record raises (that record's fault) or SinkUnavailable."""
+        live = self._live
+        if self._client is None or live is None:
+            raise SinkUnavailable("not connected")
+        live_since = self._live_since()
+        routed = [message for it in batch for message in self._route(it.decoded(), it.body, live_since)]
+
+        def done(error: BaseException | None) -> None:
+            if error is None:
+                for topic, payload, retain in routed:
+                    if retain:
+                        self.retained.published(topic, payload)
+                self.published += len(batch)
+            else:
+                self._mark_lost(str(error))
+            finished(error)
+
+        try:
+            live.send(routed, done)
+        except SinkUnavailable as exc:
+            self._mark_lost(str(exc))
+            raise
+
     async def write(self, batch: Sequence[Item]) -> WriteResult:
         """Publish committed records, each as the outbox stored it (LivePublisher: the records' fast path)."""
         live = self._live
         if self._client is None or live is None:
             raise SinkUnavailable("not connected")
-        live_since = iso_utc(time.time() - self.live_window_s)
+        live_since = self._live_since()
         routed = [message for it in batch for message in self._route(it.decoded(), it.body, live_since)]
         try:
             await live.publish(routed)
@@ -403,12 +492,20 @@ class MqttSink:
         undurable = [replace(r, durable=False) for r in records]
         return await self._publish([(r, encode(r)) for r in undurable])
 
+    def _live_since(self) -> str:
+        """The time before which a record goes out marked historical, to the whole second (formatted once a
+        second: the records' own times are formatted by the same iso_utc, which keeps the latest second)."""
+        second = math.floor(time.time() - self.live_window_s)
+        if second != self._since[0]:
+            self._since = (second, iso_utc(second))
+        return self._since[1]
+
     async def _publish(self, batch: list[tuple[Record, bytes]]) -> WriteResult:
         """Route (record, payload) pairs and publish every message they become."""
         client = self._client
         if client is None:
             raise SinkUnavailable("not connected")
-        live_since = iso_utc(time.time() - self.live_window_s)
+        live_since = self._live_since()
         routed = [message for record, payload in batch for message in self._route(record, payload, live_since)]
         try:
             await asyncio.gather(*(client.publish(t, p, qos=1, retain=r) for t, p, r in routed))
