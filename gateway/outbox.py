@@ -116,6 +116,15 @@ class WriterThread:
         self._jobs.put((fn, args, (loop, fut)))
         return fut
 
+    def call(
+        self, fn: Callable[..., T], args: tuple[Any, ...], then: Callable[[T | None, BaseException | None], None]
+    ) -> None:
+        """`fn(*args)` on the writer thread; `then(result, error)` is called on the running loop when it is done
+        (a callback: no future and no task step between a commit and what follows it)."""
+        loop = asyncio.get_running_loop()
+        self._start()
+        self._jobs.put((fn, args, (loop, then)))
+
     def submit(self, fn: Callable[..., object], *args: Any) -> None:
         """`fn(*args)` on the writer thread, in turn, nobody waiting for it: what it raises is logged there."""
         self._start()
@@ -132,9 +141,12 @@ class WriterThread:
                 if error is not None:
                     log.error("outbox writer: %s failed: %r", getattr(fn, "__qualname__", fn), error)
                 continue
-            loop, fut = reply
+            loop, target = reply
             try:
-                loop.call_soon_threadsafe(_settle, fut, result, error)
+                if isinstance(target, asyncio.Future):
+                    loop.call_soon_threadsafe(_settle, target, result, error)
+                else:
+                    loop.call_soon_threadsafe(target, result, error)
             except RuntimeError:  # the loop is closed: nobody is left to tell
                 log.error("outbox writer: %s finished after the event loop closed", getattr(fn, "__qualname__", fn))
 
@@ -238,6 +250,19 @@ class Outbox:
         self.unsaved_ready = asyncio.Event()
         self._nudger: asyncio.TimerHandle | None = None
         self._listeners: dict[str, Callable[[list[Item]], None]] = {}  # sink -> its listen() callback
+        self._kick_due = False  # a _kick is scheduled (at the end of this step of the loop)
+        # The commit under way: its batch, futures, cursors, state, and a future of its fatal error (None: fine).
+        self._inflight: (
+            tuple[
+                list[Queued],
+                list[asyncio.Future[None]],
+                dict[str, int],
+                dict[str, str],
+                asyncio.Future[BaseException | None],
+            ]
+            | None
+        ) = None
+        self._failure: BaseException | None = None  # a commit's fatal error, raised by run_committer
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -342,7 +367,9 @@ class Outbox:
         """Keep `value` as the durable state `name`, committed in the same transaction as the records queued with
         it: after a crash the state and the records it explains agree (the alarm engine's active alarms)."""
         self._pending_state[name] = json.dumps(value, separators=(",", ":"))
-        self._wake.set()
+        if self.storage_error is None and not self._kick_due:
+            self._kick_due = True
+            asyncio.get_running_loop().call_soon(self._kick)
 
     async def load_state(self, name: str) -> dict[str, Any] | None:
         query = "SELECT CAST(body AS BLOB) FROM state WHERE name = ?"
@@ -366,9 +393,16 @@ class Outbox:
             self._unsaved_new.append(record)
             self.unsaved_ready.set()
             self._bound_unsaved()
-        else:
-            self._wake.set()
+        elif not self._kick_due:
+            self._kick_due = True
+            asyncio.get_running_loop().call_soon(self._kick)  # at the end of this step: with what else it puts
         return fut
+
+    def _kick(self) -> None:
+        """Start the next group commit if none is under way (one under way starts the next when it ends)."""
+        self._kick_due = False
+        if self._inflight is None and self.storage_error is None and (self._pending or self._pending_state):
+            self._start_commit()
 
     @property
     def unsaved(self) -> int:
@@ -407,23 +441,39 @@ class Outbox:
             )
 
     async def run_committer(self) -> None:
-        """Commit whatever is queued, one transaction at a time, until cancelled (then flush). While storage is
-        unusable (disk full, I/O error) the commit is retried every STORAGE_RETRY_S; records wait in memory."""
+        """The commits' supervisor, until cancelled (then flush). Records are committed by `_kick` and `_committed`
+        as they come, one transaction at a time; this loop writes acknowledged cursors on a quiet line (woken by the
+        nudge within CURSOR_SAVE_S: a transaction and an fsync each, so not once per acknowledgement), retries every
+        STORAGE_RETRY_S while storage is unusable (records wait in memory), and raises a commit's fatal error."""
         try:
             while True:
+                if self._failure is not None:
+                    raise self._failure
                 if self.storage_error is not None:
                     await asyncio.sleep(STORAGE_RETRY_S)
                 else:
-                    # Acknowledged cursors ride along with the next commit; on a quiet line they are written on their
-                    # own within CURSOR_SAVE_S (the nudge wakes this loop for them: a transaction and an fsync each,
-                    # so not once per acknowledgement, and no timer armed and cancelled per commit).
                     await self._wake.wait()
                 self._wake.clear()
+                if self._failure is not None:
+                    raise self._failure
                 await self.flush()
         finally:
             await asyncio.shield(self.flush())
 
+    def _start_commit(self) -> None:
+        """Hand everything queued (records, state, acknowledged cursors) to the writer thread as one transaction."""
+        batch, self._pending = self._pending, []
+        done, self._pending_done = self._pending_done, []
+        cursors, self._dirty = self._dirty, {}
+        state, self._pending_state = self._pending_state, {}
+        self._inflight = (batch, done, cursors, state, asyncio.get_running_loop().create_future())
+        self._pool.call(self._commit_sync, (batch, cursors, state), self._committed)
+
     async def flush(self) -> None:
+        """Commit everything queued now (after the commit under way, if any) and return once it is durable; a
+        commit's error that is not a full disk or an I/O error is raised here."""
+        while self._inflight is not None:
+            await asyncio.shield(self._inflight[4])  # the commit under way (its error is raised below, if fatal)
         if not self._pending and not self._pending_state:
             if self._dirty:
                 cursors, self._dirty = self._dirty, {}
@@ -438,21 +488,39 @@ class Outbox:
                     log.warning("outbox storage usable again (a cursor write went through)")
                     self.storage_error = self.storage_error_since = None
             return
-        batch, self._pending = self._pending, []
-        done, self._pending_done = self._pending_done, []
-        cursors, self._dirty = self._dirty, {}
-        state, self._pending_state = self._pending_state, {}
-        try:
-            last = await self._run(self._commit_sync, batch, cursors, state)
-        except Exception as exc:
-            if retryable(exc):
+        self._start_commit()
+        assert self._inflight is not None
+        error = await asyncio.shield(self._inflight[4])
+        if error is not None:
+            raise error
+
+    def _committed(self, last: int | None, exc: BaseException | None) -> None:
+        """On the loop, when the writer thread has committed (or failed): what the commit makes true, then the next
+        commit at once if more was queued meanwhile (group commit: the window is one commit)."""
+        assert self._inflight is not None
+        batch, done, cursors, state, ended = self._inflight
+        self._inflight = None
+        error: BaseException | None = None
+        if exc is not None:
+            if isinstance(exc, Exception) and retryable(exc):
                 self._keep_unsaved(batch, done, cursors, state, exc)
-                return
-            for fut in done:
-                if not fut.done():
-                    fut.set_exception(exc)
-                    fut.exception()  # raised here, to whoever flushes: not again as "never retrieved" at exit
-            raise
+            else:
+                for fut in done:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                        fut.exception()  # raised to whoever flushes or supervises: not again as "never retrieved"
+                error = exc
+                self._failure = exc  # the committer raises it: the gateway stops (exit code by gateway.preflight)
+                self._wake.set()
+        else:
+            assert last is not None
+            self._after_commit(batch, done, last)
+        ended.set_result(error)
+        more = self._pending or self._pending_state
+        if more and self._inflight is None and self.storage_error is None:
+            self._start_commit()
+
+    def _after_commit(self, batch: list[Queued], done: list[asyncio.Future[None]], last: int) -> None:
         if self.storage_error is not None:
             log.warning(
                 "outbox storage usable again after %.0f s: %d records waiting in memory committed",

@@ -1,0 +1,90 @@
+"""Group commit without a task per commit: what one step of the loop puts (records and state) is one transaction,
+started at the end of that step; what is put while a commit is under way goes in the next one, started as soon as it
+ends; a fatal commit error stops the committer (so the gateway), a full disk does not."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.outbox import Outbox
+from tests.helpers import record_for
+
+
+async def _opened(path: Path) -> Outbox:
+    box = Outbox(path, sinks=("mqtt",))
+    await box.open()
+    return box
+
+
+def _count_commits(box: Outbox, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, list[str]]]:
+    """(records, state names) of every transaction the writer thread runs."""
+    commits: list[tuple[int, list[str]]] = []
+    real = box._commit_sync
+
+    def counted(batch: list[Any], cursors: dict[str, int], state: dict[str, str]) -> int:
+        commits.append((len(batch), sorted(state)))
+        return real(batch, cursors, state)
+
+    monkeypatch.setattr(box, "_commit_sync", counted)
+    return commits
+
+
+async def _durable(futures: list[asyncio.Future[None]], what: str) -> None:
+    try:
+        async with asyncio.timeout(5):
+            await asyncio.gather(*futures)
+    except TimeoutError:
+        raise AssertionError(f"{what}: not committed within 5 s (no flush, no committer task)") from None
+
+
+async def test_one_step_of_puts_and_state_is_one_transaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    box = await _opened(tmp_path / "o.db")
+    commits = _count_commits(box, monkeypatch)
+    try:
+        futures = [box.put("1/ox", box.next_seq("1/ox"), record_for("1/ox", i + 1)) for i in range(3)]
+        box.put_state("alarms", {"v": 1})  # the alarm engine's state, with the records it explains
+        await _durable(futures, "three records put in one step")
+        assert commits == [(3, ["alarms"])]
+        assert await box.load_state("alarms") == {"v": 1}
+    finally:
+        await box.close()
+
+
+async def test_puts_during_a_commit_go_in_the_next_one_started_when_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = await _opened(tmp_path / "o.db")
+    commits = _count_commits(box, monkeypatch)
+    try:
+        first = box.put("1/ox", box.next_seq("1/ox"), record_for("1/ox", 1))
+        await asyncio.sleep(0)  # the first commit starts at the end of that step
+        later = [box.put("1/ox", box.next_seq("1/ox"), record_for("1/ox", i)) for i in (2, 3)]
+        await _durable([first, *later], "records put while a commit was under way")
+        assert sum(n for n, _ in commits) == 3 and commits[0] == (1, [])
+        assert [it.decoded().seq for it in await box.read(0, limit=10)] == [1, 2, 3]
+    finally:
+        await box.close()
+
+
+async def test_a_fatal_commit_error_ends_the_committer(tmp_path: Path) -> None:
+    box = await _opened(tmp_path / "o.db")
+    committer = asyncio.create_task(box.run_committer())
+    box._conn.execute("PRAGMA query_only = 1")  # every write now fails, and not for want of space
+    fut = box.put("1/ox", box.next_seq("1/ox"), record_for("1/ox", 1))
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(sqlite3.OperationalError):
+                await committer
+    except TimeoutError:
+        raise AssertionError("the committer went on after a commit failed for good") from None
+    finally:
+        committer.cancel()
+        await asyncio.gather(committer, return_exceptions=True)
+        box._conn.execute("PRAGMA query_only = 0")
+        await box.close()
+    assert isinstance(fut.exception(), sqlite3.OperationalError)
