@@ -52,13 +52,13 @@ def _frame_name(frame: str) -> str:
     return f"{short}:{match['func']}"
 
 
-def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds (utime + stime) of each thread of `pid`, by thread id."""
-    out: dict[int, float] = {}
+def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
+    """CPU seconds (utime, stime) of each thread of `pid`, by thread id."""
+    out: dict[int, tuple[float, float]] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError, IndexError):
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / TICK
+            out[int(task.name)] = (int(fields[11]) / TICK, int(fields[12]) / TICK)
     return out
 
 
@@ -95,7 +95,15 @@ def summarize(collapsed: Path, top: int = 25) -> str:
 
 
 def profile(
-    n: int, one_room: bool, seconds: float, rate: int, work: Path, svg: bool, perf: bool = False, cprofile: bool = False
+    n: int,
+    one_room: bool,
+    seconds: float,
+    rate: int,
+    work: Path,
+    svg: bool,
+    perf: bool = False,
+    cprofile: bool = False,
+    timeline: bool = False,
 ) -> Path:
     """Run the gateway under the feeder's load and sample it; returns the collapsed-stacks file."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -158,12 +166,18 @@ def profile(
                 record = [py_spy, "record", "--pid", str(proc.pid), "--duration", f"{seconds:g}", "--rate", str(rate)]
                 record += ["--threads", "--nonblocking"]
                 subprocess.run([*record, "--format", "raw", "-o", str(collapsed)], check=True, capture_output=True)
+                if timeline:  # samples in order (speedscope's JSON): what held a thread through a stall
+                    out = work / "timeline.speedscope.json"
+                    subprocess.run([*record, "--idle", "--format", "speedscope", "-o", str(out)], check=True)
+                    print(f"timeline: {out}")
             c1, t1, threads1 = cpu_s(tree(proc.pid)), time.time(), thread_cpu(proc.pid)
             print(f"gateway CPU while sampled: {100 * (c1 - c0) / (t1 - t0):.1f} % of a core ({n} devices)")
-            for tid, used in sorted(threads1.items(), key=lambda kv: kv[1] - threads0.get(kv[0], 0.0), reverse=True):
-                share = 100 * (used - threads0.get(tid, 0.0)) / (t1 - t0)
+            for tid, (user, system) in sorted(threads1.items()):
+                user0, system0 = threads0.get(tid, (0.0, 0.0))
+                share = 100 * (user + system - user0 - system0) / (t1 - t0)
                 if share >= 0.1:
-                    print(f"  thread {tid}: {share:.1f} % of a core")
+                    kernel = 100 * (system - system0) / (t1 - t0)
+                    print(f"  thread {tid}: {share:.1f} % of a core ({kernel:.1f} in the kernel)")
             if svg:
                 out = work / "profile.svg"
                 subprocess.run([*record, "--format", "flamegraph", "-o", str(out)], check=True, capture_output=True)
@@ -175,9 +189,8 @@ def profile(
     if cprofile:
         import pstats
 
-        print(
-            f"lines the feeder wrote in all (the profile covers the gateway's whole run): {len(feeder_log.read_bytes().splitlines())}"
-        )
+        written = len(feeder_log.read_bytes().splitlines())
+        print(f"lines the feeder wrote in all (the profile covers the gateway's whole run): {written}")
         collapsed.write_text("")
         pstats.Stats(str(stats)).sort_stats("tottime").print_stats(40)
     return collapsed
@@ -193,10 +206,13 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--perf", action="store_true", help="perf record (per thread and library) in place of py-spy")
     parser.add_argument("--cprofile", action="store_true", help="run the gateway under cProfile (call counts)")
+    parser.add_argument("--timeline", action="store_true", help="also a second window as py-spy's speedscope timeline")
     parser.add_argument("--out", type=Path, help="where the stacks go (default: a temp folder)")
     args = parser.parse_args()
     work = args.out or Path(tempfile.mkdtemp(prefix="bench-profile-"))
-    collapsed = profile(args.devices, args.one_room, args.seconds, args.rate, work, args.svg, args.perf, args.cprofile)
+    collapsed = profile(
+        args.devices, args.one_room, args.seconds, args.rate, work, args.svg, args.perf, args.cprofile, args.timeline
+    )
     print(f"stacks: {collapsed}")
     print(collapsed.read_text()[:6000] if args.perf else summarize(collapsed, args.top))
 

@@ -263,6 +263,7 @@ class Outbox:
             | None
         ) = None
         self._failure: BaseException | None = None  # a commit's fatal error, raised by run_committer
+        self._cursors_saved = 0.0  # monotonic time cursors last went with a commit
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -401,6 +402,12 @@ class Outbox:
     def _kick(self) -> None:
         """Start the next group commit if none is under way (one under way starts the next when it ends)."""
         self._kick_due = False
+        self.commit_now()
+
+    def commit_now(self) -> None:
+        """Start committing what is queued now, if no commit is under way, rather than at the end of this step of
+        the loop: for a caller that knows it has put everything that belongs together (the gateway, once a device's
+        event and the alarm records and state it caused are all queued)."""
         if self._inflight is None and self.storage_error is None and (self._pending or self._pending_state):
             self._start_commit()
 
@@ -460,11 +467,17 @@ class Outbox:
         finally:
             await asyncio.shield(self.flush())
 
-    def _start_commit(self) -> None:
-        """Hand everything queued (records, state, acknowledged cursors) to the writer thread as one transaction."""
+    def _start_commit(self, cursors_now: bool = False) -> None:
+        """Hand everything queued (records, state) to the writer thread as one transaction, with the acknowledged
+        cursors when they last went to disk CURSOR_SAVE_S ago or more (or `cursors_now`): a sink that keeps up
+        acknowledges every commit, and its cursor's page need not be written with every one."""
         batch, self._pending = self._pending, []
         done, self._pending_done = self._pending_done, []
-        cursors, self._dirty = self._dirty, {}
+        cursors: dict[str, int] = {}
+        now = time.monotonic()
+        if self._dirty and (cursors_now or now - self._cursors_saved >= CURSOR_SAVE_S):
+            cursors, self._dirty = self._dirty, {}
+            self._cursors_saved = now
         state, self._pending_state = self._pending_state, {}
         self._inflight = (batch, done, cursors, state, asyncio.get_running_loop().create_future())
         self._pool.call(self._commit_sync, (batch, cursors, state), self._committed)
@@ -472,8 +485,16 @@ class Outbox:
     async def flush(self) -> None:
         """Commit everything queued now (after the commit under way, if any) and return once it is durable; a
         commit's error that is not a full disk or an I/O error is raised here."""
-        while self._inflight is not None:
-            await asyncio.shield(self._inflight[4])  # the commit under way (its error is raised below, if fatal)
+        # The commit under way, then the one its end started with what was queued meanwhile (ours with it): after
+        # those two, what was queued before this call is durable, however fast records keep coming.
+        for _ in range(2):
+            if self._inflight is None:
+                break
+            error = await asyncio.shield(self._inflight[4])
+            if error is not None:
+                raise error
+        if self._inflight is not None:
+            return
         if not self._pending and not self._pending_state:
             if self._dirty:
                 cursors, self._dirty = self._dirty, {}
@@ -488,11 +509,11 @@ class Outbox:
                     log.warning("outbox storage usable again (a cursor write went through)")
                     self.storage_error = self.storage_error_since = None
             return
-        self._start_commit()
+        self._start_commit(cursors_now=True)
         assert self._inflight is not None
-        error = await asyncio.shield(self._inflight[4])
-        if error is not None:
-            raise error
+        failed = await asyncio.shield(self._inflight[4])
+        if failed is not None:
+            raise failed
 
     def _committed(self, last: int | None, exc: BaseException | None) -> None:
         """On the loop, when the writer thread has committed (or failed): what the commit makes true, then the next
@@ -674,9 +695,9 @@ class Outbox:
         self.settle(sink, up_to_id)
 
     def settle(self, sink: str, up_to_id: int) -> None:
-        """Settle up to `up_to_id`. Written to disk with the next commit (or prune, or close, or within
-        CURSOR_SAVE_S), not on its own: a crash in between only sends those records again, which at-least-once
-        delivery allows."""
+        """Settle up to `up_to_id`. Written to disk within CURSOR_SAVE_S (with a commit, or on its own on a quiet
+        line; at once by flush, prune and close), not per acknowledgement: a crash in between only sends those
+        records again, which at-least-once delivery allows."""
         if up_to_id > self._cursors[sink]:
             self._cursors[sink] = up_to_id
             self._dirty[sink] = up_to_id

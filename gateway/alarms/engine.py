@@ -24,7 +24,7 @@ EXAMPLE_KETAMINE_PROFILE: an example, not advice). docs/alarms.md says why each 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -118,7 +118,7 @@ class AlarmEngine:
     # -- inputs --------------------------------------------------------------------------------------------------
 
     def on_reading(
-        self, room: str, device: str, metrics: dict[str, float], flags: Sequence[str], now: float
+        self, room: str, device: str, metrics: Mapping[str, float], flags: Sequence[str], now: float
     ) -> list[EngineEvent]:
         out: list[EngineEvent] = []
         key = f"{room}/{device}"
@@ -399,7 +399,7 @@ class AlarmEngine:
         limit = round(base * (1 + rule.above_baseline_pct / 100), 1)
         return limit, value > limit, value <= limit - rule.hysteresis
 
-    def _maybe_baseline(self, room: str, metrics: dict[str, float], now: float) -> list[SessionEvent]:
+    def _maybe_baseline(self, room: str, metrics: Mapping[str, float], now: float) -> list[SessionEvent]:
         session = self._sessions.get(room)
         if session is None or session.baseline or not all(m in metrics for m in BP_METRICS[:2]):
             return []
