@@ -88,3 +88,25 @@ async def test_a_fatal_commit_error_ends_the_committer(tmp_path: Path) -> None:
         box._conn.execute("PRAGMA query_only = 0")
         await box.close()
     assert isinstance(fut.exception(), sqlite3.OperationalError)
+
+
+async def test_the_wal_is_checkpointed_beside_the_writer_not_by_a_commit(tmp_path: Path) -> None:
+    """SQLite's default made the commit that crossed 1000 pages of WAL copy them into the database and fsync it
+    (90 ms of one reading's latency); the outbox checkpoints on its reader's thread once a second instead."""
+    box = await _opened(tmp_path / "o.db")
+    database = tmp_path / "o.db"
+    try:
+        before = database.stat().st_size
+        for i in range(12):  # 1,200 records of a page each: past the default's 1000 pages
+            for k in range(100):
+                seq = i * 100 + k + 1
+                box.put("1/ox", seq, record_for("1/ox", seq, pad=4000))
+            await box.flush()
+        assert database.stat().st_size - before < 1000 * 4096, "a commit copied the WAL into the database"
+        deadline = asyncio.get_running_loop().time() + 5
+        while database.stat().st_size - before < 1000 * 4096:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError("the WAL was not checkpointed within 5 s (the nudge's passive checkpoint)")
+            await asyncio.sleep(0.1)
+    finally:
+        await box.close()
