@@ -304,6 +304,7 @@ class Outbox:
         if self._rdb is not None and not self._checkpointing:
             self._checkpointing = True
             self._read_pool.submit(self._checkpoint_sync)
+        self._nudger = asyncio.get_running_loop().call_later(NUDGE_S, self._nudge)
 
     def _checkpoint_sync(self) -> None:
         """Copy what the WAL holds into the database, as far as no reader still needs it, beside the writer (PASSIVE:
@@ -317,7 +318,6 @@ class Outbox:
                 log.warning("outbox checkpoint failed (%s): the writer will checkpoint by itself", exc)
         finally:
             self._checkpointing = False
-        self._nudger = asyncio.get_running_loop().call_later(NUDGE_S, self._nudge)
 
     def _tally_sync(self, after_id: int) -> tuple[int, int, list[int]]:
         """At open, once: the last id ever given (sqlite_sequence: the newest rows may have been dropped), the
