@@ -144,7 +144,7 @@ class Gateway:
 
     def _emit(self, session: DeviceSession, event: Reading | DeviceStatus | Waveform, now: float) -> None:
         """Stamp an event and hand it to the outbox; nothing reaches a sink before the commit. Then alarms, whose
-        records and state go in the same transaction; then the commit starts at once (if none is under way)."""
+        records and state go in the same transaction (the outbox commits what this step of the loop put)."""
         origin = self._origins[session.key]
         room, device = session.cfg.room, session.cfg.name
         self.received += 1
@@ -156,7 +156,6 @@ class Gateway:
         else:
             self._put(session.key, status_record, origin, now, event)
             self._alarm_events(self.alarms.on_status(room, device, event.state, event.code, now))
-        self.outbox.commit_now()
 
     def _alarm_events(self, events: Sequence[EngineEvent]) -> None:
         """Every engine transition becomes a record; the engine's state is committed in the same transaction."""

@@ -45,6 +45,7 @@ T = TypeVar("T")
 RECENT = 4096  # committed records kept in memory for sinks that keep up
 PRUNE_CHUNK = 2000  # settled records deleted per transaction (a whole backlog at once would stall live commits)
 CURSOR_SAVE_S = 1.0  # the longest an acknowledged cursor waits in memory for a commit to carry it to disk
+CHECKPOINT_PAGES = 1000  # SQLite's own default cadence: the WAL grows as before, its copy no longer in a commit
 WAL_SELF_CHECKPOINT = 10_000  # pages (40 MB at 4 KiB) of WAL past which the writer checkpoints itself (see open)
 NUDGE_S = CURSOR_SAVE_S  # every sink's wait_new returns at least this often, commit or not; cursors are saved then
 # Disk full (or an I/O error) is a state, not a crash: records wait in memory, at most this many (about 1 KB each,
@@ -266,6 +267,7 @@ class Outbox:
         self._failure: BaseException | None = None  # a commit's fatal error, raised by run_committer
         self._cursors_saved = 0.0  # monotonic time cursors last went with a commit
         self._checkpointing = False  # a checkpoint is queued on the reader's thread
+        self._wal_pages = 0  # about how many pages commits added to the WAL since the last checkpoint was queued
         self._checkpoint_warned = float("-inf")
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -273,10 +275,11 @@ class Outbox:
     async def open(self) -> None:
         await self._run(self._open_sync)
         # Checkpoints off the commit path: the commit that crossed SQLite's default 1000 pages of WAL copied them into
-        # the database and fsynced it before it returned (90 ms of a reading's latency, seen at 200 devices). They
-        # are made PASSIVE once a NUDGE_S on the reader's connection and thread instead (`_checkpoint_sync`), which
-        # never holds up a writer; the writer still checkpoints by itself past WAL_SELF_CHECKPOINT pages (a
-        # checkpointer that failed must not let the WAL grow without bound).
+        # the database and fsynced it before it returned (90 ms of a reading's latency, seen at 200 devices). At the
+        # same cadence (about CHECKPOINT_PAGES written since the last), they are made PASSIVE on the reader's
+        # connection and thread instead (`_checkpoint_sync`), which never holds up a writer; the writer still
+        # checkpoints by itself past WAL_SELF_CHECKPOINT pages (a checkpointer that failed must not let the WAL grow
+        # without bound).
         await self._run(lambda: self._conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_SELF_CHECKPOINT}"))
         self._rdb = await self._run_read(sqlite3.connect, self.path, 5.0, 0, None, False)
         self._seq = await self._run(lambda: dict(self._conn.execute("SELECT key, seq FROM sequences").fetchall()))
@@ -296,15 +299,22 @@ class Outbox:
 
     def _nudge(self) -> None:
         """Wake every sink once a NUDGE_S, and the committer when cursors wait to be written: one timer for all of
-        them, not one per wait (a wait per reading). And a passive checkpoint on the reader's thread."""
+        them, not one per wait (a wait per reading)."""
         for event in self._new.values():
             event.set()
         if self._dirty:
             self._wake.set()
-        if self._rdb is not None and not self._checkpointing:
+        self._nudger = asyncio.get_running_loop().call_later(NUDGE_S, self._nudge)
+
+    def _count_wal_pages(self, batch: list[Queued], cursors: dict[str, int], state: dict[str, str]) -> None:
+        """After a commit: about how many pages it added to the WAL (its records' pages, the sequences and the
+        autoincrement page, the records' page it appended to, cursors, state); a checkpoint is due past
+        CHECKPOINT_PAGES."""
+        self._wal_pages += 3 + bool(cursors) + len(state) + sum(len(body) for _, _, _, body in batch) // 3500
+        if self._wal_pages >= CHECKPOINT_PAGES and self._rdb is not None and not self._checkpointing:
+            self._wal_pages = 0
             self._checkpointing = True
             self._read_pool.submit(self._checkpoint_sync)
-        self._nudger = asyncio.get_running_loop().call_later(NUDGE_S, self._nudge)
 
     def _checkpoint_sync(self) -> None:
         """Copy what the WAL holds into the database, as far as no reader still needs it, beside the writer (PASSIVE:
@@ -425,14 +435,9 @@ class Outbox:
         return fut
 
     def _kick(self) -> None:
-        """Start the next group commit if none is under way (one under way starts the next when it ends)."""
+        """Start the next group commit if none is under way (one under way starts the next when it ends): what one
+        step of the loop put is one transaction (a device's status and reading, an alarm and the engine's state)."""
         self._kick_due = False
-        self.commit_now()
-
-    def commit_now(self) -> None:
-        """Start committing what is queued now, if no commit is under way, rather than at the end of this step of
-        the loop: for a caller that knows it has put everything that belongs together (the gateway, once a device's
-        event and the alarm records and state it caused are all queued)."""
         if self._inflight is None and self.storage_error is None and (self._pending or self._pending_state):
             self._start_commit()
 
@@ -561,6 +566,7 @@ class Outbox:
         else:
             assert last is not None
             self._after_commit(batch, done, last)
+            self._count_wal_pages(batch, cursors, state)
         ended.set_result(error)
         more = self._pending or self._pending_state
         if more and self._inflight is None and self.storage_error is None:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.outbox import Outbox
-from tests.helpers import record_for
+from tests.helpers import record_for, wait_for
 
 
 async def _opened(path: Path) -> Outbox:
@@ -90,26 +91,37 @@ async def test_a_fatal_commit_error_ends_the_committer(tmp_path: Path) -> None:
     assert isinstance(fut.exception(), sqlite3.OperationalError)
 
 
-async def test_the_wal_is_checkpointed_beside_the_writer_not_by_a_commit(tmp_path: Path) -> None:
+async def test_the_wal_is_checkpointed_beside_the_writer_not_by_a_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SQLite's default made the commit that crossed 1000 pages of WAL copy them into the database and fsync it
-    (90 ms of one reading's latency); the outbox checkpoints on its reader's thread once a second instead."""
+    (90 ms of one reading's latency); the outbox asks its reader's thread for the checkpoint at the same cadence."""
     box = await _opened(tmp_path / "o.db")
     database = tmp_path / "o.db"
+    asked, release = threading.Event(), threading.Event()
+    checkpoint = box._checkpoint_sync
+
+    def held() -> None:  # the checkpoint waits until the test has looked at the database
+        asked.set()
+        release.wait(10)
+        checkpoint()
+
+    monkeypatch.setattr(box, "_checkpoint_sync", held)
     try:
-        for round_ in range(2):  # and again: the checkpoints go on, once a second
+        for round_ in range(2):  # and again: the next is asked for as the WAL grows again
+            asked.clear()
+            release.clear()
             before = database.stat().st_size
-            for i in range(12):  # 1,200 records of a page each: past the default's 1000 pages
+            for i in range(12):  # 1,200 records of a page each: past 1000 pages
                 for k in range(100):
                     seq = round_ * 1200 + i * 100 + k + 1
                     box.put("1/ox", seq, record_for("1/ox", seq, pad=4000))
                 await box.flush()
+            assert asked.is_set(), f"round {round_ + 1}: no checkpoint asked of the reader's thread"
             assert database.stat().st_size - before < 1000 * 4096, "a commit copied the WAL into the database"
-            deadline = asyncio.get_running_loop().time() + 5
-            while database.stat().st_size - before < 1000 * 4096:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise AssertionError(
-                        f"WAL not checkpointed within 5 s (round {round_ + 1}): the nudge's checkpoint"
-                    )
-                await asyncio.sleep(0.1)
+            release.set()
+            grown = before + 1000 * 4096
+            await wait_for(lambda: database.stat().st_size >= grown, 5)  # noqa: B023 (awaited in this iteration)
     finally:
+        release.set()
         await box.close()
