@@ -21,7 +21,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from devtools.localservices import Mosquitto
 from gateway.config import MqttSection, SecretRef
 from gateway.sinks.mqtt import MqttSink, request
-from tests.deploy.sitefiles import REPO, SHIPPED_CONF, make_secrets, read_env, start_shipped_broker
+from tests.deploy.sitefiles import REPO, SHIPPED_CONF, make_secrets, read_env, start_shipped_broker, until
 
 SITE = "clinic-a"
 ROOM = f"infusion/{SITE}/1"
@@ -108,14 +107,6 @@ def shared_broker(secrets: Secrets, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 # --- clients -------------------------------------------------------------------------------------------------------
-
-
-async def until(predicate: Callable[[], bool], reason: str, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"within {timeout:g} s: {reason}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass(frozen=True)
