@@ -215,7 +215,11 @@ class InfluxSink:
             timeout=aiohttp.ClientTimeout(total=min(cfg.timeout_s, PING_TIMEOUT_S)),
             connector=aiohttp.TCPConnector(ssl=ssl_ctx) if ssl_ctx else None,
         )
-        problem = await self._ping()
+        try:
+            problem = await self._ping()
+        except BaseException:  # cancelled (the gateway stops) while pinging: the sessions must not outlive it
+            await self.__aexit__(None, None, None)
+            raise
         if problem:  # up means the server answered, not that a client object exists: the backoff grows meanwhile
             await self.__aexit__(None, None, None)
             raise SinkUnavailable(problem)

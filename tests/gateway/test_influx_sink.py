@@ -11,6 +11,7 @@ come out byte for byte as Point wrote them (the dashboards' queries depend on th
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import time
@@ -290,3 +291,29 @@ async def test_v2_answers_map_to_rejected_and_retry(
         server.status = 503
         with pytest.raises(SinkUnavailable):
             await sink.write(as_items(_records(1, time.time())))
+
+
+async def test_a_connect_cancelled_during_its_ping_closes_its_http_sessions() -> None:
+    """A gateway stopping while the sink pings a server that accepts and never answers: the sink's HTTP sessions are
+    closed on the way out, not left for the garbage collector ("Unclosed client session")."""
+    accepted = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await reader.read()  # never answers; returns when the client goes away
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sink = InfluxSink(InfluxSection(api="v1", url=f"http://127.0.0.1:{port}", database="x", timeout_s=30))
+    try:
+        entering = asyncio.create_task(sink.__aenter__())
+        async with asyncio.timeout(10):
+            await accepted.wait()  # the ping is under way
+        entering.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await entering
+        assert sink._http is None and sink._probe is None, "the sessions of a cancelled connect are still open"
+    finally:
+        server.close()
+        await server.wait_closed()
