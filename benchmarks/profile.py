@@ -23,17 +23,16 @@ from pathlib import Path
 
 from benchmarks.sidebyside import (
     DB,
-    FEEDER,
     GATEWAY,
-    ROOT,
     TICK,
     BenchError,
     Layout,
-    _read_line,
     _start_gateway,
     _stop,
     _wait,
     cpu_s,
+    start_counter,
+    start_feeder,
     tree,
 )
 from devtools.localservices import Influxd, Mosquitto
@@ -121,21 +120,8 @@ def profile(
     ):
         influx.create_database(DB)
         try:
-            counter = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.mqttlog", str(broker.port), str(counter_log), *GATEWAY.topics],
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-            )
-            assert counter.stdout is not None
-            _read_line(counter, counter.stdout, "the counter to subscribe", 15)
-            feed = ["--dir", str(work / "tty"), "--log", str(feeder_log), "--wait-signal"]
-            feeder = subprocess.Popen(
-                [sys.executable, str(FEEDER), str(n), *feed],
-                stdin=subprocess.DEVNULL,
-                stderr=feeder_err_file,
-            )
-            _wait("the feeder's ptys", lambda: "ptys ready" in feeder_err.read_text(), 30 + n / 20, feeder_err)
+            counter = start_counter(broker, counter_log, GATEWAY.topics, subprocess.DEVNULL)
+            feeder = start_feeder(n, work, feeder_log, feeder_err, feeder_err_file)
             ports = [work / "tty" / f"tty{i}" for i in range(n)]
             stats = work / "cprofile.out"
             python_args = ("-m", "cProfile", "-o", str(stats)) if cprofile else ()

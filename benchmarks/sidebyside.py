@@ -271,6 +271,35 @@ def _norm_device_time(text: str) -> str:
     return text
 
 
+def start_counter(broker: Mosquitto, log: Path, topics: list[str], stderr: IO[bytes] | int) -> subprocess.Popen[bytes]:
+    """The counter (benchmarks/mqttlog.py), returned once it has subscribed."""
+    counter = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.mqttlog", str(broker.port), str(log), *topics],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+    )
+    try:
+        assert counter.stdout is not None
+        _read_line(counter, counter.stdout, f"the counter to subscribe (see {log.parent / 'counter.err'})", 15)
+    except BaseException:
+        _stop(counter)
+        raise
+    return counter
+
+
+def start_feeder(n: int, work: Path, log: Path, err: Path, err_file: IO[bytes], *extra: str) -> subprocess.Popen[bytes]:
+    """The peer's feeder with n ptys under work/tty, returned once they are ready; it writes on SIGUSR1."""
+    feed = ["--dir", str(work / "tty"), "--log", str(log), *extra, "--wait-signal"]
+    feeder = subprocess.Popen([sys.executable, str(FEEDER), str(n), *feed], stdin=subprocess.DEVNULL, stderr=err_file)
+    try:
+        _wait("the feeder's ptys", lambda: "ptys ready" in err.read_text(), 30 + n / 20, err)
+    except BaseException:
+        _stop(feeder, within_s=30)
+        raise
+    return feeder
+
+
 def run_once(side: Side, layout: Layout, work: Path, warmup_s: float, window_s: float) -> dict[str, Any]:
     """One side, one layout: start everything, feed, measure the window, count everything, stop everything."""
     work.mkdir(parents=True, exist_ok=True)
@@ -287,21 +316,10 @@ def run_once(side: Side, layout: Layout, work: Path, warmup_s: float, window_s: 
     ):
         influx.create_database(DB)
         try:
-            counter = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.mqttlog", str(broker.port), str(counter_log), *side.topics],
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=counter_err,
+            counter = start_counter(broker, counter_log, side.topics, counter_err)
+            feeder = start_feeder(
+                layout.n, work, feeder_log, feeder_err, feeder_err_file, "--desat-at", f"{desat_at:g}"
             )
-            assert counter.stdout is not None
-            _read_line(counter, counter.stdout, f"the counter to subscribe (see {work / 'counter.err'})", 15)
-            feed = ["--dir", str(work / "tty"), "--log", str(feeder_log), "--desat-at", f"{desat_at:g}"]
-            feeder = subprocess.Popen(
-                [sys.executable, str(FEEDER), str(layout.n), *feed, "--wait-signal"],
-                stdin=subprocess.DEVNULL,
-                stderr=feeder_err_file,
-            )
-            _wait("the feeder's ptys", lambda: "ptys ready" in feeder_err.read_text(), 30 + layout.n / 20, feeder_err)
             ports = [work / "tty" / f"tty{i}" for i in range(layout.n)]
             proc = side.start(work, layout, broker, influx, ports)
             log = work / ("gateway.log" if side is GATEWAY else "nodered.log")

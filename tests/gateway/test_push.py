@@ -17,7 +17,8 @@ from gateway.config import MqttSection
 from gateway.envelope import Record
 from gateway.outbox import Outbox
 from gateway.sink_worker import SinkWorker
-from gateway.sinks.mqtt import MqttSink, subscribe
+from gateway.sinks.mqtt import MqttSink
+from tests.gateway.test_mqtt_sink import collected
 from tests.helpers import record_for, wait_for
 
 POISON_SEQ = 13
@@ -32,29 +33,16 @@ class PickySink(MqttSink):
         return super()._route(record, payload, live_since)
 
 
+def _seqs(messages: list[tuple[str, bytes]]) -> list[int]:
+    """Sequence numbers of the readings collected, in arrival order."""
+    return [json.loads(payload)["seq"] for _topic, payload in messages]
+
+
 @pytest.fixture
-async def arrived(mosquitto: Any) -> AsyncIterator[list[int]]:
-    """Sequence numbers of the readings on the broker, in arrival order (subscribed before the test goes on)."""
-    seen: list[int] = []
-    subscribed = asyncio.Event()
-    cfg = MqttSection(host="127.0.0.1", port=mosquitto.port)
-
-    async def collect() -> None:
-        async with subscribe(cfg, ["infusion/s/+/ox/reading"], "push-test") as messages:
-            subscribed.set()
-            async for _topic, payload in messages:
-                seen.append(json.loads(payload)["seq"])
-
-    collecting = asyncio.create_task(collect())
-    try:
-        async with asyncio.timeout(10):
-            await subscribed.wait()
-    except TimeoutError:
-        collecting.cancel()
-        raise AssertionError("the test's subscriber did not subscribe within 10 s") from None
-    yield seen
-    collecting.cancel()
-    await asyncio.gather(collecting, return_exceptions=True)
+async def arrived(mosquitto: Any) -> AsyncIterator[list[tuple[str, bytes]]]:
+    """The readings on the broker (test_mqtt_sink's collector: subscribed before the test goes on)."""
+    async with collected(mosquitto.port, "/reading") as messages:
+        yield messages
 
 
 async def _run(box: Outbox, sink: type[MqttSink], port: int, n: int) -> SinkWorker:
@@ -76,28 +64,28 @@ async def _run(box: Outbox, sink: type[MqttSink], port: int, n: int) -> SinkWork
 
 
 async def test_caught_up_records_are_pushed_at_commit_and_the_cursor_follows_the_pubacks(
-    tmp_path: Path, mosquitto: Any, arrived: list[int]
+    tmp_path: Path, mosquitto: Any, arrived: list[tuple[str, bytes]]
 ) -> None:
     box = Outbox(tmp_path / "outbox.sqlite3", sinks=("mqtt",))
     await box.open()
     try:
         worker = await _run(box, MqttSink, mosquitto.port, 60)
         await wait_for(lambda: len(arrived) == 60, 5)
-        assert arrived == list(range(1, 61))  # each once, in commit order
+        assert _seqs(arrived) == list(range(1, 61))  # each once, in commit order
         assert worker.delivered == 60 and await box.backlog() == {"mqtt": 0}
     finally:
         await box.close()
 
 
 async def test_a_record_the_sink_cannot_route_is_set_aside_and_the_rest_go_on(
-    tmp_path: Path, mosquitto: Any, arrived: list[int]
+    tmp_path: Path, mosquitto: Any, arrived: list[tuple[str, bytes]]
 ) -> None:
     box = Outbox(tmp_path / "outbox.sqlite3", sinks=("mqtt",))
     await box.open()
     try:
         worker = await _run(box, PickySink, mosquitto.port, 40)
         await wait_for(lambda: len(arrived) == 39, 5)
-        assert sorted(arrived) == [s for s in range(1, 41) if s != POISON_SEQ] and len(set(arrived)) == 39
+        assert sorted(_seqs(arrived)) == [s for s in range(1, 41) if s != POISON_SEQ] and len(set(_seqs(arrived))) == 39
         assert worker.rejected == 1 and await box.rejected_count() == 1
         assert await box.backlog() == {"mqtt": 0}
     finally:
@@ -105,7 +93,7 @@ async def test_a_record_the_sink_cannot_route_is_set_aside_and_the_rest_go_on(
 
 
 async def test_a_commit_of_state_alone_while_pushing_is_no_records(
-    tmp_path: Path, mosquitto: Any, arrived: list[int]
+    tmp_path: Path, mosquitto: Any, arrived: list[tuple[str, bytes]]
 ) -> None:
     """The alarm engine's state is committed on its own at times: no records for the listener, and no failure."""
     box = Outbox(tmp_path / "outbox.sqlite3", sinks=("mqtt",))
@@ -119,7 +107,7 @@ async def test_a_commit_of_state_alone_while_pushing_is_no_records(
         await box.flush()
         box.put("1/ox", 1, record_for("1/ox", 1, at=time.time()))
         await box.flush()
-        await wait_for(lambda: arrived == [1], 5)
+        await wait_for(lambda: _seqs(arrived) == [1], 5)
         assert not working.done(), "the worker ended"
     finally:
         working.cancel()
