@@ -3,8 +3,11 @@
 Why: brokers, databases and cables fail; a reading that only lived in memory is lost with the process. Each
 sink drains its own cursor, so a dead InfluxDB does not hold back MQTT and vice versa.
 
-Group commit: `put()` only queues; one writer commits everything queued in a single transaction as soon as the
-previous commit finished (the window is one fsync, a few ms). `committed` futures tell callers when it is durable.
+Group commit: `put()` only queues; one writer commits everything queued in a single transaction. A commit starts
+as soon as the previous one finished and at least `commit_interval_s` after the previous one started: a quiet line
+commits each record at once, a busy one (a site gateway) groups what came within the interval, because every commit
+costs an fdatasync (some 0.1 ms of CPU in the kernel on a virtual disk, and sometimes a long wait) whatever it holds.
+`committed` futures tell callers when it is durable.
 All SQLite writes run on one dedicated thread (`WriterThread`: a job queue in, call_soon_threadsafe out, one hop
 each way per commit) and backlog reads on another (each with its own connection), so the event loop never waits on
 the disk and a live commit never waits behind a large read.
@@ -52,6 +55,9 @@ NUDGE_S = CURSOR_SAVE_S  # every sink's wait_new returns at least this often, co
 # so some 100 MB; at 200 devices a reading a second, over 8 minutes), oldest readings dropped first beyond it.
 MAX_UNSAVED = 100_000
 STORAGE_RETRY_S = 1.0  # how often a failed commit is tried again
+# The shortest time between the starts of two commits (config: outbox_commit_interval_ms). What comes within it waits
+# for the next commit: at most this much latency bought for fewer fdatasyncs under load (docs/benchmarks.md).
+COMMIT_INTERVAL_S = 0.010
 # SQLITE_FULL, SQLITE_IOERR (primary codes): space or the device may come back.
 _RETRYABLE_SQLITE = frozenset({13, 10})
 
@@ -215,9 +221,12 @@ def map_rows(
 
 
 class Outbox:
-    def __init__(self, path: Path, sinks: tuple[str, ...]) -> None:
+    def __init__(self, path: Path, sinks: tuple[str, ...], commit_interval_s: float = COMMIT_INTERVAL_S) -> None:
         self.path = path
         self.sinks = sinks
+        self.commit_interval_s = commit_interval_s
+        self._commit_started = float("-inf")  # loop time the last commit was handed to the writer
+        self._pacer: asyncio.TimerHandle | None = None  # the next commit's start, when it waits for the interval
         self._pool = WriterThread("outbox")  # every SQLite write, in order
         # Reading a backlog back (thousands of rows) runs on a connection and thread of its own, so a commit of
         # live records never queues behind it (WAL lets readers and the writer work at the same time).
@@ -352,6 +361,9 @@ class Outbox:
         self._db, self._marks, self.storage = storage.open_outbox(self.path, self.sinks)
 
     async def close(self) -> None:
+        if self._pacer is not None:
+            self._pacer.cancel()
+            self._pacer = None
         if self._nudger is not None:
             self._nudger.cancel()
             self._nudger = None
@@ -439,6 +451,20 @@ class Outbox:
         step of the loop put is one transaction (a device's status and reading, an alarm and the engine's state)."""
         self._kick_due = False
         if self._inflight is None and self.storage_error is None and (self._pending or self._pending_state):
+            self._start_paced()
+
+    def _start_paced(self) -> None:
+        """Start the next commit now, or when commit_interval_s has passed since the last one started."""
+        loop = asyncio.get_running_loop()
+        due = self._commit_started + self.commit_interval_s
+        if loop.time() >= due:
+            self._start_commit()
+        elif self._pacer is None:
+            self._pacer = loop.call_at(due, self._paced)
+
+    def _paced(self) -> None:
+        self._pacer = None
+        if self._inflight is None and self.storage_error is None and (self._pending or self._pending_state):
             self._start_commit()
 
     @property
@@ -509,7 +535,12 @@ class Outbox:
             cursors, self._dirty = self._dirty, {}
             self._cursors_saved = now
         state, self._pending_state = self._pending_state, {}
-        self._inflight = (batch, done, cursors, state, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        if self._pacer is not None:  # a flush does not wait for the interval
+            self._pacer.cancel()
+            self._pacer = None
+        self._commit_started = loop.time()
+        self._inflight = (batch, done, cursors, state, loop.create_future())
         self._pool.call(self._commit_sync, (batch, cursors, state), self._committed)
 
     async def flush(self) -> None:
@@ -570,7 +601,7 @@ class Outbox:
         ended.set_result(error)
         more = self._pending or self._pending_state
         if more and self._inflight is None and self.storage_error is None:
-            self._start_commit()
+            self._start_paced()
 
     def _after_commit(self, batch: list[Queued], done: list[asyncio.Future[None]], last: int) -> None:
         if self.storage_error is not None:

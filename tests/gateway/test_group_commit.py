@@ -125,3 +125,43 @@ async def test_the_wal_is_checkpointed_beside_the_writer_not_by_a_commit(
     finally:
         release.set()
         await box.close()
+
+
+async def test_a_busy_line_groups_what_comes_within_the_commit_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every commit costs an fdatasync whatever it holds: under load, records that come within the interval after a
+    commit started wait for the next one (one transaction), a quiet line's first record is committed at once, and a
+    flush does not wait for the interval (a stop loses nothing)."""
+    box = Outbox(tmp_path / "o.db", sinks=("mqtt",), commit_interval_s=3600)
+    await box.open()
+    commits = _count_commits(box, monkeypatch)
+    try:
+        first = box.put("1/ox", box.next_seq("1/ox"), record_for("1/ox", 1))
+        await _durable([first], "the first record on a quiet line")  # not held back: no commit started before it
+        later = []
+        for i in (2, 3, 4):  # one a step, as readings from three ports would come
+            later.append(box.put("1/ox", box.next_seq("1/ox"), record_for("1/ox", i)))
+            await asyncio.sleep(0.05)
+        assert box.unsaved == 3 and not any(f.done() for f in later), "committed before the interval had passed"
+        await box.flush()
+        assert commits == [(1, []), (3, [])]
+        assert all(f.done() and f.exception() is None for f in later)
+    finally:
+        await box.close()
+
+
+async def test_without_an_interval_each_commit_starts_when_the_last_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = Outbox(tmp_path / "o.db", sinks=("mqtt",), commit_interval_s=0)
+    await box.open()
+    commits = _count_commits(box, monkeypatch)
+    try:
+        futures = []
+        for i in (1, 2, 3):
+            futures.append(box.put("1/ox", box.next_seq("1/ox"), record_for("1/ox", i)))
+            await _durable(futures[-1:], f"record {i}")
+        assert commits == [(1, []), (1, []), (1, [])]
+    finally:
+        await box.close()
