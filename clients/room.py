@@ -1,6 +1,8 @@
 """The room commands a nurse station sends over MQTT (`session`, `ack`, `standby`): one request, one reply.
 
 They log in with their own broker account (never the gateway's), so the broker's ACL decides who may command.
+The CLI's parser imports this module for every command, `run` included: what a command needs (the watch's login
+helpers, and rich under them) is imported when one is sent, so the running gateway never loads it.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import json
 import sys
 import uuid
 
-from clients.watch import mqtt_from_args
-from gateway.commands import command_payload
 from gateway.config import ConfigError
-from gateway.sinks.mqtt import BrokerError, request
 
 
 def _room_command(args: argparse.Namespace, **fields: object) -> int:
+    from clients.watch import mqtt_from_args
+    from gateway.commands import command_payload
+    from gateway.sinks.mqtt import BrokerError, request
+
     try:
         mqtt, site = mqtt_from_args(args)
     except ConfigError as exc:

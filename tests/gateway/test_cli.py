@@ -89,3 +89,16 @@ def test_dashboards_build_follows_the_config_profile(tmp_path: Path) -> None:
     wall = json.loads((tmp_path / "out" / "infusion-wall.json").read_text())
     assert '"value": 93' in json.dumps(wall).replace("93.0", "93")
     assert run_cli("dashboards", "push").returncode == 2  # no URL or token: a clear refusal
+
+
+def test_the_run_import_path_leaves_the_terminal_and_notification_libraries_out() -> None:
+    """`run` imports the CLI (every subcommand's parser) and the gateway; what only `watch`, the room commands or a
+    configured [notify] need stays out of the running gateway's memory (issue 19: its RSS)."""
+    code = (
+        "import sys\n"
+        "import gateway.cli, gateway.app\n"
+        "gateway.cli.build_parser()\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('rich', 'apprise', 'clients'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, timeout=60)
+    assert result.stdout.decode().split() == ["clients", "clients.room"]
