@@ -9,13 +9,17 @@ ports that way).
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 import re
 import socket
 import tomllib
 import traceback
+import types
 import typing
+from collections import deque
+from collections.abc import Mapping, Sequence, Set
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,7 +32,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
+from pydantic.fields import FieldInfo
 
 from devices.base import DeviceKind
 from devices.registry import MODELS
@@ -343,8 +347,158 @@ class NotifySection(_Strict):
         return self
 
 
-class Config(BaseSettings):
-    model_config = SettingsConfigDict(extra="forbid", frozen=True, env_prefix="INFUSION_", env_nested_delimiter="__")
+ENV_PREFIX = "INFUSION_"
+ENV_NESTED = "__"
+
+
+def _subclass(tp: Any, bases: type | tuple[type, ...]) -> bool:
+    try:
+        return isinstance(tp, type) and issubclass(tp, bases)
+    except TypeError:  # a parametrised generic (list[int]) passes isinstance(type) but not issubclass
+        return False
+
+
+def _is_complex(annotation: Any) -> bool:
+    """A value given as JSON: a model, a mapping, a sequence other than str, a set."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _is_complex(typing.get_args(annotation)[0])
+    kinds = (BaseModel, Mapping, Sequence, Set, tuple, set, frozenset, deque)
+    return any(not _subclass(tp, (str, bytes)) and _subclass(tp, kinds) for tp in (annotation, origin))
+
+
+def _union_is_complex(annotation: Any) -> bool:
+    for arg in typing.get_args(annotation):
+        if _is_complex(arg):
+            return True
+        while typing.get_origin(arg) is Annotated:
+            arg = typing.get_args(arg)[0]
+        if typing.get_origin(arg) in (typing.Union, types.UnionType) and _union_is_complex(arg):
+            return True
+    return False
+
+
+def _json_rule(annotation: Any) -> tuple[bool, bool]:
+    """(given as JSON, a value that is not JSON passes through as text): JSON must parse for a field that can only
+    be complex; in a union with a simple type (None included), text that is not JSON goes to pydantic as it is."""
+    if _is_complex(annotation):
+        return True, False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and _union_is_complex(annotation):
+        return True, True
+    return False, False
+
+
+def _next_field(field: FieldInfo | Any, key: str) -> FieldInfo | Any | None:
+    """The field (or, in a dict, the value type) that `key` names inside `field`'s type, case-insensitively."""
+    if not field:
+        return None
+    annotation = field.annotation if isinstance(field, FieldInfo) else field
+    if _subclass(typing.get_origin(annotation), dict):
+        args = typing.get_args(annotation)
+        return args[-1] if args else None
+    for arg in typing.get_args(annotation):
+        if found := _next_field(arg, key):
+            return found
+    if _subclass(annotation, BaseModel):
+        for name, sub in typing.cast(type[BaseModel], annotation).model_fields.items():
+            if name.lower() == key.lower():
+                return sub
+    return None
+
+
+def _env_field_error(name: str, exc: ValueError) -> ConfigError:
+    fix = "give the field as JSON (e.g. a list of tables), or unset it"
+    return ConfigError("environment", [f"{ENV_PREFIX}{name.upper()}: not valid JSON ({exc}) -> {fix}"])
+
+
+def _nested_env(name: str, field: FieldInfo, env: Mapping[str, str]) -> dict[str, Any]:
+    """`INFUSION_<FIELD>__<KEY>__<KEY>...` variables as the nested dict of values they set."""
+    prefix = f"{ENV_PREFIX}{name}{ENV_NESTED}".lower()
+    result: dict[str, Any] = {}
+    for var, value in env.items():
+        if not var.startswith(prefix):
+            continue
+        *keys, last = var[len(prefix) :].split(ENV_NESTED)
+        target: Any = result
+        sub: FieldInfo | Any | None = field
+        for key in keys:
+            sub = _next_field(sub, key)
+            if isinstance(target, dict):
+                target = target.setdefault(key, {})
+        sub = _next_field(sub, last)
+        decoded: Any = value
+        if sub and value:
+            as_json, lenient = _json_rule(sub.annotation) if isinstance(sub, FieldInfo) else (_is_complex(sub), True)
+            if as_json:
+                try:
+                    decoded = json.loads(value)
+                except ValueError as exc:
+                    if not lenient:
+                        raise _env_field_error(name, exc) from None
+        if isinstance(target, dict):
+            target[last] = decoded
+    return result
+
+
+def _field_names(annotation: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """Keys of an override given as JSON matched to the model's field names whatever their case, as variable names
+    are."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        annotation = next(arg for arg in args if arg is not type(None))
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if not _subclass(annotation, BaseModel):
+        return values
+    fields = {name.lower(): (name, sub) for name, sub in annotation.model_fields.items()}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key.lower() not in fields:
+            out[key] = value
+            continue
+        name, sub = fields[key.lower()]
+        out[name] = _field_names(sub.annotation, value) if isinstance(value, dict) else value
+    return out
+
+
+def env_overrides(model: type[BaseModel]) -> dict[str, Any]:
+    """What the `INFUSION_*` variables set, field by field: `INFUSION_<FIELD>` as JSON, `INFUSION_<FIELD>__<KEY>...`
+    as text (JSON where the key's type is a model, list, tuple or dict), both together merged; names in any case.
+    These are pydantic-settings' rules (its EnvSettingsSource, which this replaces: importing it cost the running
+    gateway a MiB) for the field types a Config has."""
+    env = {var.lower(): value for var, value in os.environ.items()}
+    data: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        value: Any = env.get(f"{ENV_PREFIX}{name}".lower())
+        as_json, lenient = _json_rule(field.annotation)
+        if value is None:
+            value = _nested_env(name, field, env) or None
+        elif as_json:
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                if not lenient:
+                    raise _env_field_error(name, exc) from None
+            if isinstance(value, dict):
+                value = _deep_update(value, _nested_env(name, field, env))
+        if value is not None:
+            data[name] = _field_names(field.annotation, value) if isinstance(value, dict) else value
+    return data
+
+
+def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = base.copy()
+    for key, value in update.items():
+        old = merged.get(key)
+        merged[key] = _deep_update(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return merged
+
+
+class Config(_Strict):
+    """The whole file. Every construction (load_config's and any other) takes the `INFUSION_*` overrides over the
+    values given: docker compose sets hosts and ports that way."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     gateway: GatewaySection = Field(default_factory=GatewaySection)  # at load time: the id is the host name
     mqtt: MqttSection = MqttSection()
@@ -354,24 +508,15 @@ class Config(BaseSettings):
     devices: list[DeviceConfig] = Field(default_factory=list)
     notify: NotifySection | None = None
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (env_settings, init_settings)
-
     @model_validator(mode="before")
     @classmethod
     def _gateway_account(cls, data: Any) -> Any:
-        """A gateway with a password and no [mqtt] username logs in as "gateway-<id>", its own account
-        (deploy/make-secrets.sh), so the shipped config never makes two room PCs share one account."""
+        """The environment's overrides first. Then: a gateway with a password and no [mqtt] username logs in as
+        "gateway-<id>", its own account (deploy/make-secrets.sh), so the shipped config never makes two room PCs
+        share one account."""
         if not isinstance(data, dict):
             return data
+        data = _deep_update(data, env_overrides(cls))
         mqtt, gateway = data.get("mqtt"), data.get("gateway")
         if not isinstance(mqtt, dict) or mqtt.get("password") is None or mqtt.get("username") is not None:
             return data
@@ -474,17 +619,9 @@ def load_config(path: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [f"not valid TOML: {exc} -> fix the syntax at that line"]) from None
     try:
-        return Config(**data)
+        return Config(**data)  # an INFUSION_* variable that is not the JSON its field needs: ConfigError
     except ValidationError as exc:
         raise ConfigError(str(path), format_errors(exc)) from None
-    except SettingsError as exc:  # an INFUSION_* variable that is not the JSON its field needs
-        field = re.search(r'field "([^"]+)"', str(exc))
-        var = f"INFUSION_{field.group(1).upper()}" if field else "an INFUSION_* variable"
-        why = f" ({exc.__cause__})" if exc.__cause__ else ""
-        raise ConfigError(
-            "environment",
-            [f"{var}: not valid JSON{why} -> give the field as JSON (e.g. a list of tables), or unset it"],
-        ) from None
 
 
 def resolve_secret(ref: SecretRef | None, field: str) -> SecretStr | None:

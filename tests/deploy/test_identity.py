@@ -28,7 +28,7 @@ def config(monkeypatch: pytest.MonkeyPatch, host: str, **sections: object) -> Co
     monkeypatch.setattr(socket, "gethostname", lambda: host)
     monkeypatch.setenv("TEST_SECRET", "x")
     influx = {"org": "o", "bucket": "b", "token": {"env": "TEST_SECRET"}}
-    return Config(influx=influx, **sections)  # type: ignore[arg-type]
+    return Config(influx=influx, **sections)
 
 
 def test_defaults_follow_the_host_name(monkeypatch: pytest.MonkeyPatch) -> None:

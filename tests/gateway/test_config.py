@@ -174,3 +174,39 @@ def test_an_environment_override_that_is_not_json_is_a_named_error(
     monkeypatch.setenv("INFUSION_DEVICES", "room 1 oximeter")
     with pytest.raises(ConfigError, match=r"INFUSION_DEVICES: not valid JSON .* -> give the field as JSON"):
         load_config(config)
+
+
+def test_environment_overrides_reach_nested_tables_merge_with_json_and_ignore_case(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Compose's way: `INFUSION_<SECTION>__<KEY>__...`, a secret reference included, over the file's values; a section
+    given as JSON merges with the nested variables; variable names and JSON keys in any case."""
+    secret = tmp_path / "mqtt-password"
+    secret.write_text("pw-from-file\n")
+    config = tmp_path / "gw.toml"
+    config.write_text('[gateway]\nid = "room-1"\n[mqtt]\nport = 1883\n[influx]\napi = "v1"\ndatabase = "x"\n')
+    monkeypatch.setenv("INFUSION_MQTT", '{"HOST": "broker.example", "Keepalive_S": 60}')
+    monkeypatch.setenv("infusion_mqtt__port", "1884")
+    monkeypatch.setenv("INFUSION_MQTT__PASSWORD__FILE", str(secret))
+    monkeypatch.setenv("INFUSION_COMMANDS__ROLES__NURSE", '["acknowledge"]')
+    cfg = load_config(config)
+    assert (cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.keepalive_s) == ("broker.example", 1884, 60)
+    assert cfg.mqtt.password is not None and cfg.mqtt.password.file == secret
+    assert cfg.mqtt.username == "gateway-room-1"  # the account of a gateway given a password, as in the file
+    assert cfg.commands.roles == {"nurse": ("acknowledge",)}
+
+
+def test_an_override_that_is_not_json_where_text_is_allowed_is_an_ordinary_field_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """[mqtt.tls] may be absent (a union with None): text that is not JSON reaches validation, which names the field;
+    a nested variable for a field that must be JSON (a list) is named by its section's variable."""
+    config = tmp_path / "gw.toml"
+    config.write_text('[influx]\napi = "v1"\ndatabase = "x"\n')
+    monkeypatch.setenv("INFUSION_MQTT__TLS", "yes")
+    with pytest.raises(ConfigError, match=r"mqtt\.tls: Input should be a valid dictionary"):
+        load_config(config)
+    monkeypatch.delenv("INFUSION_MQTT__TLS")
+    monkeypatch.setenv("INFUSION_NOTIFY__ROUTES", "phones")
+    with pytest.raises(ConfigError, match=r"INFUSION_NOTIFY: not valid JSON .* -> give the field as JSON"):
+        load_config(config)
