@@ -65,7 +65,7 @@ class Gateway:
         self.cfg = cfg
         g = cfg.gateway
         sinks = ("mqtt", "influx", "notify") if cfg.notify is not None else ("mqtt", "influx")
-        self.outbox = Outbox(g.data_dir / "outbox.sqlite3", sinks=sinks)
+        self.outbox = Outbox(g.data_dir / "outbox.sqlite3", sinks, g.outbox_commit_interval_ms / 1000)
         # Alarm notifications (docs/notifications.md): its own cursor; target URLs resolved here, before any port opens.
         self.notify: NotifyWorker | None = None
         if cfg.notify is not None:

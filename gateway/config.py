@@ -38,6 +38,7 @@ from devices.base import DeviceKind
 from devices.registry import MODELS
 from gateway.alarms import EXAMPLE_KETAMINE_PROFILE, AlarmProfile, TechnicalRules, ThresholdRule
 from gateway.errors import GatewayError
+from gateway.outbox import COMMIT_INTERVAL_S
 
 NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 NAME_HINT = "use 1-32 lower-case letters, digits, '-' or '_' (room and device names only: never patient data)"
@@ -122,6 +123,9 @@ class GatewaySection(_Strict):
     # The outbox's bounds for long outages: past them the oldest undelivered readings go first (counted, alarmed).
     outbox_max_records: Annotated[int, Field(ge=1000)] = 1_000_000
     outbox_max_age_s: Annotated[float, Field(ge=3600)] = 7 * 86_400
+    # The shortest time between the starts of two outbox commits: a busy gateway groups what comes within it into one
+    # fsync'd transaction (CPU), at the price of at most this much more latency; 0: every commit as soon as the last.
+    outbox_commit_interval_ms: Annotated[float, Field(ge=0, le=1000)] = 1000 * COMMIT_INTERVAL_S
     health_host: str = "127.0.0.1"  # 0.0.0.0 in a container, so compose's healthcheck can reach it
     health_port: Annotated[int, Field(ge=0, le=65535)] | None = 8321  # None: no health endpoint
 
