@@ -14,17 +14,16 @@ bounded time give tens of milliseconds on a LAN, and the uncertainty reported is
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import math
-import ssl
 import time
 import urllib.parse
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-import aiohttp
-
 from gateway.config import InfluxSection, resolve_secret
+from gateway.sinks.influx import ConnectError, HttpClient
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +77,9 @@ def _date_seconds(value: str | None) -> int | None:
 
 def _describe(exc: BaseException, timeout_s: float) -> str:
     """Why a request failed, in words that carry no payload, URL or credential."""
-    if isinstance(exc, TimeoutError):  # asyncio's and aiohttp's timeouts included
+    if isinstance(exc, TimeoutError):  # the request's and the socket's timeouts alike
         return f"no answer within {timeout_s:.1f} s"
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectError):
         return f"cannot connect ({exc.os_error.strerror or type(exc.os_error).__name__})"
     return type(exc).__name__
 
@@ -93,7 +92,7 @@ class ClockCheck:
     """Measures the gateway's clock against the InfluxDB server's `Date`. One measure() call every minute or so.
 
     The server is assumed to stamp Date with its clock truncated to the second (Go's net/http, which InfluxDB uses,
-    and aiohttp do) at some moment between our request and its answer. A server that rounds instead would bias the
+    and aiohttp's do) at some moment between our request and its answer. A server that rounds instead would bias the
     result by up to 0.5 s: negligible against a limit of seconds.
     """
 
@@ -108,7 +107,7 @@ class ClockCheck:
         if not 0 < budget_s < 3 or max_samples < 1:
             raise ValueError("budget_s must be in (0, 3) s and max_samples at least 1")
         self.server = _origin(cfg.url)
-        self._ping_url = cfg.url.rstrip("/") + "/ping"
+        self._base_url = cfg.url.rstrip("/")  # GET <base>/ping
         self._timeout_s = cfg.timeout_s
         self._budget_s = budget_s
         self._max_samples = max_samples
@@ -117,14 +116,14 @@ class ClockCheck:
         # The same credentials as the sink, resolved now so that a missing secret is found at start-up. /ping needs
         # none on InfluxDB itself; a proxy in front of it may. They are sent, never logged.
         self._headers: dict[str, str] = {}
-        self._auth: aiohttp.BasicAuth | None = None
+        self._basic: tuple[str, str] | None = None
         if cfg.api == "v2":
             token = resolve_secret(cfg.token, "influx.token")
             if token is not None:
                 self._headers["Authorization"] = f"Token {token.get_secret_value()}"
         elif cfg.username:
             password = resolve_secret(cfg.password, "influx.password")
-            self._auth = aiohttp.BasicAuth(cfg.username, password.get_secret_value() if password else "")
+            self._basic = (cfg.username, password.get_secret_value() if password else "")
         self._unknown_logged = False
 
     async def measure(self) -> ClockReading | None:
@@ -132,16 +131,19 @@ class ClockCheck:
 
         Takes at most budget_s (default 2.5 s), whatever the server does."""
         deadline = time.monotonic() + self._budget_s
-        ssl_ctx: ssl.SSLContext | None = None
-        if self._ca_file is not None:
-            ssl_ctx = ssl.create_default_context(cafile=str(self._ca_file))
-        connector = aiohttp.TCPConnector(ssl=ssl_ctx if ssl_ctx is not None else True, limit=1)
-        async with aiohttp.ClientSession(
-            connector=connector, headers=self._headers, auth=self._auth, trust_env=False
-        ) as session:
+        # One kept-alive connection for all the samples, so each one's round trip is a request's alone.
+        client: HttpClient | None = None
+        try:
             try:
-                lo, hi, rtt = await self._sample(session, deadline)
-            except (_NoDate, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                client = HttpClient(
+                    self._base_url,
+                    timeout_s=self._timeout_s,
+                    headers=self._headers,
+                    basic=self._basic,
+                    ca_file=self._ca_file,
+                )
+                lo, hi, rtt = await self._sample(client, deadline)
+            except (_NoDate, http.client.HTTPException, OSError, TimeoutError, ValueError) as exc:
                 # Once per outage, not every minute: the sink already reports an unreachable database.
                 level = logging.DEBUG if self._unknown_logged else logging.WARNING
                 why = (
@@ -168,8 +170,8 @@ class ClockCheck:
                     break  # precise enough, or the round trip (not Date's resolution) now limits the window
                 await asyncio.sleep(max(0.0, target - rtt / 2 - time.time()))
                 try:
-                    s_lo, s_hi, rtt = await self._sample(session, deadline)
-                except (_NoDate, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                    s_lo, s_hi, rtt = await self._sample(client, deadline)
+                except (_NoDate, http.client.HTTPException, OSError, TimeoutError, ValueError) as exc:
                     log.debug("clock check: %s: a later sample failed (%s)", self.server, type(exc).__name__)
                     break
                 samples += 1
@@ -179,6 +181,9 @@ class ClockCheck:
                     lo, hi = s_lo, s_hi
                 else:
                     lo, hi = max(lo, s_lo), min(hi, s_hi)
+        finally:
+            if client is not None:
+                client.close()
         reading = ClockReading(skew_s=(lo + hi) / 2, uncertainty_s=(hi - lo) / 2, server=self.server)
         log.debug("clock check: %s from %d samples", reading.describe(), samples)
         return reading
@@ -187,7 +192,7 @@ class ClockCheck:
     def _remaining(deadline: float) -> float:
         return max(0.0, deadline - time.monotonic())
 
-    async def _sample(self, session: aiohttp.ClientSession, deadline: float) -> tuple[float, float, float]:
+    async def _sample(self, client: HttpClient, deadline: float) -> tuple[float, float, float]:
         """One GET /ping: the window [lo, hi] that must hold the skew, and the round trip.
 
         The server stamped Date = D at gateway time t in [t0, t1], with its clock then in [D, D + 1): so
@@ -196,11 +201,9 @@ class ClockCheck:
         if timeout <= 0:
             raise TimeoutError
         t0 = time.time()
-        async with session.get(
-            self._ping_url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
-        ) as resp:
-            t1 = time.time()
-            date = _date_seconds(resp.headers.get("Date"))
+        answer = await client.request("GET", "/ping", timeout_s=timeout)
+        t1 = time.time()
+        date = _date_seconds(answer.headers.get("Date"))
         if date is None:
             raise _NoDate
         return t0 - date - 1, t1 - date, max(0.0, t1 - t0)

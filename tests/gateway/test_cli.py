@@ -93,9 +93,10 @@ def test_dashboards_build_follows_the_config_profile(tmp_path: Path) -> None:
 
 def test_the_run_import_path_leaves_the_terminal_and_notification_libraries_out() -> None:
     """`run` imports the CLI (every subcommand's parser) and the gateway; what only `watch`, the room commands or a
-    configured [notify] need stays out of the running gateway's memory (issue 19: its RSS), and so does
-    pydantic-settings (the config reads its INFUSION_* overrides itself)."""
-    left_out = ("rich", "apprise", "clients", "pydantic_settings", "dotenv")
+    configured [notify] need stays out of the running gateway's memory (issue 19: its RSS), and so do
+    pydantic-settings (the config reads its INFUSION_* overrides itself) and aiohttp with what comes with it (the
+    InfluxDB sink and the clock check speak HTTP through http.client: aiohttp was about 10 MiB)."""
+    left_out = ("rich", "apprise", "clients", "pydantic_settings", "dotenv", "aiohttp", "yarl", "multidict")
     code = (
         "import sys\n"
         "import gateway.cli, gateway.app\n"

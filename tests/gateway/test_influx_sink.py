@@ -12,10 +12,14 @@ come out byte for byte as Point wrote them (the dashboards' queries depend on th
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import math
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -317,3 +321,193 @@ async def test_a_connect_cancelled_during_its_ping_closes_its_http_sessions() ->
     finally:
         server.close()
         await server.wait_closed()
+
+
+class RawHttp:
+    """A STAND-IN HTTP/1.1 server written by hand (aiohttp's would hide its connections): it numbers each TCP
+    connection, records every request as (connection, method, target, headers, body), answers `status` with keep-alive
+    (or holds the request unanswered while `hold` is set, or closes the connection after each answer with
+    `close_after`), and records which connections the client closed."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[int, str, str, dict[str, str], bytes]] = []
+        self.closed_by_client: list[int] = []
+        self.status = 204
+        self.body = b""
+        self.hold = False
+        self.close_after = False
+        self.got = asyncio.Event()  # set at each request
+        self._closed = asyncio.Event()  # set as the client closes a connection
+        self.url = ""
+        self._connections = 0
+        self._server: asyncio.Server | None = None
+        self._handlers: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+
+    async def __aenter__(self) -> RawHttp:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._handlers.values():
+            writer.close()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections += 1
+        number = self._connections
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers[task] = writer
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    self.closed_by_client.append(number)
+                    self._closed.set()
+                    return
+                method, target, _ = head.decode().split("\r\n")[0].split(" ", 2)
+                headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if line)
+                body = await reader.readexactly(int(headers.get("Content-Length", "0")))
+                self.requests.append((number, method, target, headers, body))
+                self.got.set()
+                if self.hold and target.split("?")[0] != "/ping":
+                    if not await reader.read():  # held until the client goes away
+                        self.closed_by_client.append(number)
+                        self._closed.set()
+                    return
+                length = f"Content-Length: {len(self.body)}\r\n" if self.status != 204 else ""
+                writer.write(f"HTTP/1.1 {self.status} X\r\n{length}\r\n".encode() + self.body)
+                await writer.drain()
+                if self.close_after:
+                    return
+        finally:
+            writer.close()
+
+    async def closed_by_the_client(self, number: int) -> None:
+        async with asyncio.timeout(10):
+            while number not in self.closed_by_client:
+                self._closed.clear()
+                await self._closed.wait()
+
+    def connections(self, method: str = "POST") -> list[int]:
+        return [number for number, m, *_ in self.requests if m == method]
+
+
+async def test_writes_share_a_kept_alive_connection_and_a_cancelled_write_drops_it() -> None:
+    """A persistent connection for the writes (the ping has its own); a write cancelled while the server holds it
+    closes its connection, and the next write goes out on a new one, never on the half-used one."""
+    async with RawHttp() as server, InfluxSink(InfluxSection(api="v1", url=server.url, database="db")) as sink:
+        for start in (1.0, 2.0):
+            assert (await sink.write(as_items(_records(1, start)))).outcome is Outcome.ACCEPTED
+        first = server.connections()
+        assert len(first) == 2 and first[0] == first[1], "the second write did not reuse the connection"
+        assert server.connections("GET") != first[:1], "the ping and the writes share a connection"
+        server.hold, server.got = True, asyncio.Event()
+        held = asyncio.create_task(sink.write(as_items(_records(1, 3.0))))
+        async with asyncio.timeout(10):
+            await server.got.wait()
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        await server.closed_by_the_client(first[0])  # else: the cancelled write's connection stays open
+        server.hold = False
+        assert (await sink.write(as_items(_records(1, 4.0)))).outcome is Outcome.ACCEPTED
+        assert server.connections()[-1] not in (first[0],), "a write reused the cancelled write's connection"
+
+
+async def test_a_write_the_server_never_answers_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_INFLUX_TOKEN", "tok")
+    async with RawHttp() as server:
+        cfg = InfluxSection(
+            api="v2", url=server.url, org="o", bucket="b", token=SecretRef(env="TEST_INFLUX_TOKEN"), timeout_s=0.5
+        )
+        async with InfluxSink(cfg) as sink:
+            server.hold = True
+            with pytest.raises(SinkUnavailable, match="timed out"):
+                await sink.write(as_items(_records(1, 1.0)))
+        await server.closed_by_the_client(server.connections()[-1])  # the timed-out write's connection
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    async with RawHttp() as server, InfluxSink(InfluxSection(api="v1", url=server.url, database="db")) as sink:
+        server.close_after = True  # as a server's idle timeout would, without saying so
+        for start in (1.0, 2.0, 3.0):
+            assert (await sink.write(as_items(_records(1, start)))).outcome is Outcome.ACCEPTED
+            await asyncio.sleep(0.05)
+        assert len(set(server.connections())) == 3
+
+
+async def test_v1_credentials_go_as_basic_auth_on_writes_and_answers_are_classified(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The password from the config (or the URL's userinfo, which wins, as it did); never in a reason; a 400's body
+    in the rejection; 401, 404, 429 and 5xx are retried."""
+    monkeypatch.setenv("TEST_INFLUX_PASSWORD", "pa:ss")
+    async with RawHttp() as server:
+        cfg = InfluxSection(
+            api="v1", url=server.url, database="d b", retention_policy="rp", username="gw",
+            password=SecretRef(env="TEST_INFLUX_PASSWORD"),
+        )  # fmt: skip
+        async with InfluxSink(cfg) as sink:
+            assert (await sink.write(as_items(_records(1, 1.0)))).outcome is Outcome.ACCEPTED
+            server.status, server.body = 400, b'{"error":"partial write: field type conflict"}'
+            result = await sink.write(as_items(_records(1, 2.0)))
+            assert result.outcome is Outcome.REJECTED and "field type conflict" in result.reason
+            for status, words in ((401, "credentials"), (404, "no such database"), (429, "429"), (503, "503")):
+                server.status = status
+                with pytest.raises(SinkUnavailable, match=words) as raised:
+                    await sink.write(as_items(_records(1, 3.0)))
+                assert "pa:ss" not in str(raised.value)
+        url = server.url.replace("http://", "http://other:secret%40@")
+        server.status = 204
+        async with InfluxSink(InfluxSection(api="v1", url=url, database="d")) as sink:
+            assert (await sink.write(as_items(_records(1, 4.0)))).outcome is Outcome.ACCEPTED
+    ping, write = server.requests[0], server.requests[1]
+    assert ping[1:3] == ("GET", "/ping") and "Authorization" not in ping[3]
+    assert write[1:3] == ("POST", "/write?db=d+b&precision=ns&rp=rp")
+    assert write[3]["Authorization"] == "Basic " + base64.b64encode(b"gw:pa:ss").decode()
+    assert write[4].decode().splitlines() == to_lines(_records(1, 1.0))
+    assert server.requests[-1][3]["Authorization"] == "Basic " + base64.b64encode(b"other:secret@").decode()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key, made by openssl."""
+    folder = tmp_path_factory.mktemp("influx-tls")
+    cert, key = folder / "tls.crt", folder / "tls.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-subj", "/CN=influxdb", "-addext", "subjectAltName=IP:127.0.0.1", "-days", "2",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_https_verifies_the_server_against_the_configured_ca(
+    certificate: tuple[Path, Path], unused_tcp_port: int
+) -> None:
+    cert, key = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = StandInV2()
+    app = web.Application()
+    app.router.add_post("/write", server.handle)
+    app.router.add_get("/ping", _pong)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port, ssl_context=context).start()
+    url = f"https://127.0.0.1:{unused_tcp_port}"
+    try:
+        async with InfluxSink(InfluxSection(api="v1", url=url, database="d", ca_file=cert)) as sink:
+            assert (await sink.write(as_items(_records(2, 1.0)))).outcome is Outcome.ACCEPTED
+        assert server.requests[0][2].splitlines() == to_lines(_records(2, 1.0))
+        with pytest.raises(SinkUnavailable, match=r"unreachable.*CERTIFICATE_VERIFY_FAILED"):
+            async with InfluxSink(InfluxSection(api="v1", url=url, database="d")):  # the system's CAs only
+                pass
+    finally:
+        await runner.cleanup()
