@@ -183,7 +183,7 @@ class Gateway:
                 event.value,
                 event.limit,
             )
-        self.outbox.put_state("alarms", self.alarms.snapshot())
+        self.outbox.put_state("alarms", self.alarms.snapshot)  # taken when the commit starts
 
     # -- room actions (RoomActions, for MQTT commands and the CLI) --------------------------------------------
 

@@ -45,7 +45,8 @@ from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-RECENT = 4096  # committed records kept in memory for sinks that keep up
+RECENT = 2048  # committed records kept in memory for sinks that keep up: 2 s at 1,000 a second (InfluxDB lingers
+# 1 s for fuller writes), about 3 MiB; a sink further behind reads them back on the reader thread
 PRUNE_CHUNK = 2000  # settled records deleted per transaction (a whole backlog at once would stall live commits)
 CURSOR_SAVE_S = 1.0  # the longest an acknowledged cursor waits in memory for a commit to carry it to disk
 CHECKPOINT_PAGES = 1000  # SQLite's own default cadence: the WAL grows as before, its copy no longer in a commit
@@ -166,6 +167,10 @@ class WriterThread:
             self._thread = None
 
 
+def _state_json(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
 def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if fut.cancelled():
         return
@@ -235,7 +240,8 @@ class Outbox:
         self._rdb: sqlite3.Connection | None = None
         self._pending: list[Queued] = []
         self._pending_done: list[asyncio.Future[None]] = []
-        self._pending_state: dict[str, str] = {}  # name -> JSON, written in the same transaction as the records
+        # name -> its JSON (or what makes it), written in the same transaction as the records
+        self._pending_state: dict[str, str | Callable[[], dict[str, Any]]] = {}
         self._wake = asyncio.Event()
         self._new: dict[str, asyncio.Event] = {s: asyncio.Event() for s in sinks}
         self._seq: dict[str, int] = {}
@@ -411,10 +417,12 @@ class Outbox:
             self._pool.submit(self._marks.save)
         return seq
 
-    def put_state(self, name: str, value: dict[str, Any]) -> None:
+    def put_state(self, name: str, value: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
         """Keep `value` as the durable state `name`, committed in the same transaction as the records queued with
-        it: after a crash the state and the records it explains agree (the alarm engine's active alarms)."""
-        self._pending_state[name] = json.dumps(value, separators=(",", ":"))
+        it: after a crash the state and the records it explains agree (the alarm engine's active alarms). A callable
+        is called once, when the commit starts, however often it was put since the last: a snapshot of 1,000 alarms
+        raised one by one (a device server gone) is taken once a commit, not once an alarm."""
+        self._pending_state[name] = value if callable(value) else _state_json(value)
         if self.storage_error is None and not self._kick_due:
             self._kick_due = True
             asyncio.get_running_loop().call_soon(self._kick)
@@ -534,7 +542,8 @@ class Outbox:
         if self._dirty and (cursors_now or now - self._cursors_saved >= CURSOR_SAVE_S):
             cursors, self._dirty = self._dirty, {}
             self._cursors_saved = now
-        state, self._pending_state = self._pending_state, {}
+        state = {name: v if isinstance(v, str) else _state_json(v()) for name, v in self._pending_state.items()}
+        self._pending_state = {}
         loop = asyncio.get_running_loop()
         if self._pacer is not None:  # a flush does not wait for the interval
             self._pacer.cancel()

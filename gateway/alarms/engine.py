@@ -25,7 +25,7 @@ EXAMPLE_KETAMINE_PROFILE: an example, not advice). docs/alarms.md says why each 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from devices.base import QUALITY_FLAGS, DeviceState
@@ -307,8 +307,9 @@ class AlarmEngine:
         delays are not kept: after a restart a condition is judged afresh on fresh data."""
         return {
             "v": 1,
-            "alarms": [asdict(a) for a in self._alarms.values() if a.active],
-            "sessions": {room: asdict(s) for room, s in self._sessions.items()},
+            # vars(), not asdict(): flat dataclasses, the same JSON, without asdict's deep copy (10x the cost)
+            "alarms": [dict(vars(a)) for a in self._alarms.values() if a.active],
+            "sessions": {room: {**vars(s), "baseline": dict(s.baseline)} for room, s in self._sessions.items()},
             "standby": dict(self._standby),
             "nibp_last": dict(self._nibp_last),
         }

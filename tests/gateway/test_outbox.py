@@ -115,10 +115,15 @@ async def test_read_gives_the_same_records_from_memory_and_from_disk(tmp_path: P
         (40, None, 20),
         (head - 3, None, 10),
         (head - 30, None, 10),
-        (head - 2000, None, 5),
+        (head - RECENT // 2, None, 5),
     ]
-    cases += [(head, None, 10), (head - 30, head - 25, 10), (head - 3000, head - 2990, 100), (40, 45, 10)]
-    cases += [(head - 10, head - 10, 10), (head - 4000, head, 3)]
+    cases += [
+        (head, None, 10),
+        (head - 30, head - 25, 10),
+        (head - RECENT * 3 // 4, head - RECENT * 3 // 4 + 10, 100),
+        (40, 45, 10),
+    ]
+    cases += [(head - 10, head - 10, 10), (head - RECENT + 96, head, 3)]
     for after, before, limit in cases:
         got = [it.id for it in await box.read(after, before, limit=limit)]
         upper = head if before is None else before - 1
