@@ -151,6 +151,25 @@ async def test_a_busy_line_groups_what_comes_within_the_commit_interval(
         await box.close()
 
 
+async def test_a_full_batch_does_not_wait_for_the_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site gateway's 1,000 readings a second fill a batch within milliseconds: its latency is not the interval's."""
+    from gateway.outbox import COMMIT_BATCH
+
+    box = Outbox(tmp_path / "o.db", sinks=("mqtt",), commit_interval_s=3600)
+    await box.open()
+    commits = _count_commits(box, monkeypatch)
+    try:
+        await _durable([box.put("1/ox", box.next_seq("1/ox"), record_for("1/ox", 1))], "the first record")
+        batch = []
+        for i in range(COMMIT_BATCH):  # one a step
+            batch.append(box.put("1/ox", box.next_seq("1/ox"), record_for("1/ox", i + 2)))
+            await asyncio.sleep(0)
+        await _durable(batch, f"{COMMIT_BATCH} records waiting, an hour's interval")
+        assert commits == [(1, []), (COMMIT_BATCH, [])]
+    finally:
+        await box.close()
+
+
 async def test_without_an_interval_each_commit_starts_when_the_last_ends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
