@@ -426,9 +426,8 @@ class Outbox:
         is called once, when the commit starts, however often it was put since the last: a snapshot of 1,000 alarms
         raised one by one (a device server gone) is taken once a commit, not once an alarm."""
         self._pending_state[name] = value if callable(value) else _state_json(value)
-        if self.storage_error is None and not self._kick_due:
-            self._kick_due = True
-            asyncio.get_running_loop().call_soon(self._kick)
+        if self.storage_error is None:
+            self._want_commit()
 
     async def load_state(self, name: str) -> dict[str, Any] | None:
         query = "SELECT CAST(body AS BLOB) FROM state WHERE name = ?"
@@ -452,10 +451,19 @@ class Outbox:
             self._unsaved_new.append(record)
             self.unsaved_ready.set()
             self._bound_unsaved()
-        elif not self._kick_due:
-            self._kick_due = True
-            asyncio.get_running_loop().call_soon(self._kick)  # at the end of this step: with what else it puts
+        else:
+            self._want_commit()
         return fut
+
+    def _want_commit(self) -> None:
+        """Something was queued: a commit at the end of this step of the loop (with what else it puts), unless one
+        is under way (its end starts the next) or already timed by the pacer and the batch is not full."""
+        if self._kick_due or self._inflight is not None:
+            return
+        if self._pacer is not None and len(self._pending) < COMMIT_BATCH:
+            return
+        self._kick_due = True
+        asyncio.get_running_loop().call_soon(self._kick)
 
     def _kick(self) -> None:
         """Start the next group commit if none is under way (one under way starts the next when it ends): what one
