@@ -60,7 +60,7 @@ MAX_UNSAVED = 100_000
 STORAGE_RETRY_S = 1.0  # how often a failed commit is tried again
 # The shortest time between the starts of two commits (config: outbox_commit_interval_ms). What comes within it waits
 # for the next commit: at most this much latency bought for fewer fdatasyncs under load (docs/benchmarks.md).
-COMMIT_INTERVAL_S = 0.025
+COMMIT_INTERVAL_S = 0.050
 COMMIT_BATCH = 8  # records waiting that start the next commit before the interval has passed
 # SQLITE_FULL, SQLITE_IOERR (primary codes): space or the device may come back.
 _RETRYABLE_SQLITE = frozenset({13, 10})
