@@ -434,14 +434,20 @@ def _nested_env(name: str, field: FieldInfo, env: Mapping[str, str]) -> dict[str
         if sub and value:
             as_json, lenient = _json_rule(sub.annotation) if isinstance(sub, FieldInfo) else (_is_complex(sub), True)
             if as_json:
-                try:
-                    decoded = json.loads(value)
-                except ValueError as exc:
-                    if not lenient:
-                        raise _env_field_error(name, exc) from None
+                decoded = _env_json(name, value, lenient)
         if isinstance(target, dict):
             target[last] = decoded
     return result
+
+
+def _env_json(name: str, value: str, lenient: bool) -> Any:
+    """A variable's text as JSON; kept as text when it is not JSON and the field's type takes text (`lenient`)."""
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        if not lenient:
+            raise _env_field_error(name, exc) from None
+        return value
 
 
 def _field_names(annotation: Any, values: dict[str, Any]) -> dict[str, Any]:
@@ -478,11 +484,7 @@ def env_overrides(model: type[BaseModel]) -> dict[str, Any]:
         if value is None:
             value = _nested_env(name, field, env) or None
         elif as_json:
-            try:
-                value = json.loads(value)
-            except ValueError as exc:
-                if not lenient:
-                    raise _env_field_error(name, exc) from None
+            value = _env_json(name, value, lenient)
             if isinstance(value, dict):
                 value = _deep_update(value, _nested_env(name, field, env))
         if value is not None:

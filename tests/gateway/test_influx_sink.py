@@ -251,16 +251,21 @@ async def _pong(request: web.Request) -> web.Response:
     return web.Response(status=204)  # as InfluxDB 2.x answers /ping
 
 
-@pytest.fixture
-async def stand_in(unused_tcp_port: int) -> AsyncIterator[tuple[StandInV2, str]]:
-    server = StandInV2()
+async def _serve(server: StandInV2, write_path: str, port: int, context: ssl.SSLContext | None = None) -> web.AppRunner:
+    """The stand-in on 127.0.0.1:port: `write_path` and /ping; the caller cleans the runner up."""
     app = web.Application()
-    app.router.add_post("/api/v2/write", server.handle)
+    app.router.add_post(write_path, server.handle)
     app.router.add_get("/ping", _pong)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", unused_tcp_port)
-    await site.start()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+    return runner
+
+
+@pytest.fixture
+async def stand_in(unused_tcp_port: int) -> AsyncIterator[tuple[StandInV2, str]]:
+    server = StandInV2()
+    runner = await _serve(server, "/api/v2/write", unused_tcp_port)
     yield server, f"http://127.0.0.1:{unused_tcp_port}"
     await runner.cleanup()
 
@@ -495,12 +500,7 @@ async def test_https_verifies_the_server_against_the_configured_ca(
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     server = StandInV2()
-    app = web.Application()
-    app.router.add_post("/write", server.handle)
-    app.router.add_get("/ping", _pong)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port, ssl_context=context).start()
+    runner = await _serve(server, "/write", unused_tcp_port, context)
     url = f"https://127.0.0.1:{unused_tcp_port}"
     try:
         async with InfluxSink(InfluxSection(api="v1", url=url, database="d", ca_file=cert)) as sink:
