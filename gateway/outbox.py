@@ -469,8 +469,12 @@ class Outbox:
         """Start the next group commit if none is under way (one under way starts the next when it ends): what one
         step of the loop put is one transaction (a device's status and reading, an alarm and the engine's state)."""
         self._kick_due = False
-        if self._inflight is None and self.storage_error is None and (self._pending or self._pending_state):
+        if self._may_commit():
             self._start_paced()
+
+    def _may_commit(self) -> bool:
+        """Something is queued, no commit is under way and storage is usable (else the committer retries)."""
+        return self._inflight is None and self.storage_error is None and bool(self._pending or self._pending_state)
 
     def _start_paced(self) -> None:
         """Start the next commit now, or when commit_interval_s has passed since the last one started (sooner, at
@@ -484,7 +488,7 @@ class Outbox:
 
     def _paced(self) -> None:
         self._pacer = None
-        if self._inflight is None and self.storage_error is None and (self._pending or self._pending_state):
+        if self._may_commit():
             self._start_commit()
 
     @property
@@ -547,6 +551,14 @@ class Outbox:
         """Hand everything queued (records, state) to the writer thread as one transaction, with the acknowledged
         cursors when they last went to disk CURSOR_SAVE_S ago or more (or `cursors_now`): a sink that keeps up
         acknowledges every commit, and its cursor's page need not be written with every one."""
+        try:  # first: a state that cannot be taken leaves everything queued
+            state = {name: v if isinstance(v, str) else _state_json(v()) for name, v in self._pending_state.items()}
+        except Exception as exc:  # a bug in a snapshot: the gateway stops (run_committer raises it), nothing is lost
+            log.exception("outbox: the state to commit could not be taken; stopping")
+            self._failure = exc
+            self._wake.set()
+            return
+        self._pending_state = {}
         batch, self._pending = self._pending, []
         done, self._pending_done = self._pending_done, []
         cursors: dict[str, int] = {}
@@ -554,8 +566,6 @@ class Outbox:
         if self._dirty and (cursors_now or now - self._cursors_saved >= CURSOR_SAVE_S):
             cursors, self._dirty = self._dirty, {}
             self._cursors_saved = now
-        state = {name: v if isinstance(v, str) else _state_json(v()) for name, v in self._pending_state.items()}
-        self._pending_state = {}
         loop = asyncio.get_running_loop()
         if self._pacer is not None:  # a flush does not wait for the interval
             self._pacer.cancel()
@@ -592,7 +602,9 @@ class Outbox:
                     self.storage_error = self.storage_error_since = None
             return
         self._start_commit(cursors_now=True)
-        assert self._inflight is not None
+        if self._inflight is None:  # the state to commit could not be taken (logged): the gateway stops
+            assert self._failure is not None
+            raise self._failure
         failed = await asyncio.shield(self._inflight[4])
         if failed is not None:
             raise failed
@@ -620,8 +632,7 @@ class Outbox:
             self._after_commit(batch, done, last)
             self._count_wal_pages(batch, cursors, state)
         ended.set_result(error)
-        more = self._pending or self._pending_state
-        if more and self._inflight is None and self.storage_error is None:
+        if self._may_commit():
             self._start_paced()
 
     def _after_commit(self, batch: list[Queued], done: list[asyncio.Future[None]], last: int) -> None:

@@ -373,7 +373,7 @@ class HttpClient:
                 if not resp.isclosed():  # more than we keep: the rest is never read, so the connection cannot go on
                     conn.close()
                 return Answer(resp.status, resp.headers, data)
-        except BaseException:
+        except BaseException:  # re-raised: the connection is in an unknown state and is never used again
             conn.close()
             raise
 

@@ -212,3 +212,33 @@ async def test_a_state_given_as_a_callable_is_taken_once_a_commit(
         assert await box.load_state("alarms") == {"alarms": list(range(1000))}
     finally:
         await box.close()
+
+
+async def test_a_state_that_cannot_be_taken_stops_the_committer_and_loses_nothing(tmp_path: Path) -> None:
+    """A bug in a snapshot must not strand the records queued with it: they stay queued and the committer (so the
+    gateway) stops with the error."""
+    box = await _opened(tmp_path / "o.db")
+    committer = asyncio.create_task(box.run_committer())
+
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("snapshot bug")
+
+    box.put("1/ox", box.next_seq("1/ox"), record_for("1/ox", 1))
+    box.put_state("alarms", broken)
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(RuntimeError, match="snapshot bug"):
+                await committer
+    except TimeoutError:
+        raise AssertionError("the committer went on after the state could not be taken") from None
+    finally:
+        committer.cancel()
+        await asyncio.gather(committer, return_exceptions=True)
+    assert box.unsaved == 1, "the record queued with the state was dropped"
+    box._pending_state.clear()  # the bug fixed (a restart): what was queued is committed
+    box._failure = None
+    try:
+        await box.flush()
+        assert [it.decoded().seq for it in await box.read(0, limit=10)] == [1]
+    finally:
+        await box.close()
